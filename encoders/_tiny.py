@@ -1,0 +1,105 @@
+"""Tiny random CLIP and ALIGN checkpoints with their own small vocabularies, for tests and the offline demo.
+
+They are real ``transformers`` models: saved with ``save_pretrained`` and loaded back through the same
+``from_pretrained`` path as a hub checkpoint, so nothing is fetched and nothing is special-cased.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+BASE_WORDS = ("a", "an", "the", "of", "video", "photo", "person", "man", "woman", "doing", "playing", "someone")
+
+
+def _clip_bpe_files(words: tuple[str, ...], directory: Path) -> tuple[Path, Path]:
+    """A CLIP byte-level BPE vocabulary: every lowercase letter, plus one merge chain per whole word."""
+    letters = string.ascii_lowercase + string.digits
+    vocab = {c: i for i, c in enumerate(letters)}
+    for c in letters:
+        vocab[c + "</w>"] = len(vocab)
+    merges: list[str] = []
+    for word in dict.fromkeys(w.lower() for w in (*BASE_WORDS, *words) if w.isalnum()):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if merged not in vocab:
+                merges.append(f"{pieces[0]} {pieces[1]}")
+                vocab[merged] = len(vocab)
+            pieces = [merged, *pieces[2:]]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory / "vocab.json", directory / "merges.txt"
+
+
+def _words(words: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(w for text in words for w in text.lower().replace(",", " ").split())
+
+
+def build_tiny_clip(*, seed: int = 0, words: tuple[str, ...] = (), image_size: int = 32, width: int = 32,
+                    layers: int = 2, embed_dim: int = 16):
+    """Random CLIPModel + CLIPTokenizer + CLIPImageProcessor; ``words`` get whole-word tokens."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer(*map(str, _clip_bpe_files(_words(words), Path(tmp))))
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=2, max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=image_size, patch_size=image_size // 4, hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=layers, num_attention_heads=2)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return model, tokenizer, processor
+
+
+def build_tiny_align(*, seed: int = 0, words: tuple[str, ...] = (), image_size: int = 32, embed_dim: int = 32):
+    """Random AlignModel (EfficientNet + BERT) + BertTokenizer + EfficientNetImageProcessor."""
+    from transformers import AlignConfig, AlignModel, BertTokenizer, EfficientNetImageProcessor
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits,
+              *dict.fromkeys((*BASE_WORDS, *_words(words)))]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.txt").write_text("\n".join(dict.fromkeys(tokens)) + "\n")
+        tokenizer = BertTokenizer(str(Path(tmp) / "vocab.txt"))
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    # EfficientNet's pooled width is round_filters(1280) = 32 at width_coefficient 0.1; the text projection matches it.
+    vision = dict(image_size=image_size, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=embed_dim,
+                  num_channels=3)
+    config = AlignConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
+    torch.manual_seed(seed)
+    model = AlignModel(config).eval()
+    processor = EfficientNetImageProcessor(size={"height": image_size + 4, "width": image_size + 4},
+                                           crop_size={"height": image_size, "width": image_size}, do_center_crop=True,
+                                           rescale_factor=1 / 127.5, rescale_offset=True, do_normalize=False)
+    return model, tokenizer, processor
+
+
+def _quiet_transformers() -> None:
+    """Without torchvision, transformers warns on every image processor it builds; we preprocess in torch."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def save_tiny(directory: str | Path, *, family: str = "clip", seed: int = 0, words: tuple[str, ...] = ()) -> Path:
+    """Build a tiny random checkpoint of ``family`` and ``save_pretrained`` it (weights as safetensors)."""
+    _quiet_transformers()
+    build = {"clip": build_tiny_clip, "align": build_tiny_align}[family]
+    model, tokenizer, processor = build(seed=seed, words=words)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -1,0 +1,86 @@
+"""The ``reeltag`` command line. Exit codes: 0 done (some videos may have failed: see the errors table),
+2 a user mistake (bad config, bad arguments), 1 the job could not run (output, model, Ray)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, PipelineSpec, load_spec
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, value parsed as YAML (repeatable): --set segments.window_s=4")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reeltag", description="Tag video archives and find actions by text.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_config(sub.add_parser("validate", help="check a pipeline definition; print a one-line summary"))
+    _add_config(sub.add_parser("run", help="run a pipeline as a Ray batch job"))
+    demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
+    demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
+    return parser
+
+
+def summary_line(spec: PipelineSpec) -> str:
+    videos = spec.videos()
+    vocab = f"tags from {spec.tags.vocabulary}" if spec.tags.vocabulary else "no tags (embeddings only)"
+    return (f"ok: {len(videos)} videos, {spec.segments.mode} segments"
+            f"{f' of {spec.segments.window_s:g} s' if spec.segments.mode == 'window' else ''}, "
+            f"{spec.sampling.frames} frames each, {spec.model_id()}, tower levels {list(spec.tower.levels)}, "
+            f"{spec.temporal.pooling} pooling, {vocab} -> {spec.output.dir} (config {spec.config_hash()})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args.dir)
+        spec = load_spec(args.config, args.overrides)
+        if args.command == "validate":
+            print(summary_line(spec))
+            return 0
+        return _run(spec)
+    except ConfigError as e:
+        print(f"reeltag: invalid pipeline definition:\n{e}", file=sys.stderr)
+        return 2
+
+
+def _run(spec: PipelineSpec) -> int:
+    from encoders import ModelLoadError, VocabularyError
+
+    from ._ray import RayStartError
+    from .run import JobError, run_pipeline
+
+    try:
+        summary = run_pipeline(spec)
+    except VocabularyError as e:
+        print(f"reeltag: invalid pipeline definition:\ntags.vocabulary: {e}", file=sys.stderr)
+        return 2
+    except (JobError, ModelLoadError, RayStartError) as e:
+        print(f"reeltag: the job could not run: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    failed = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_type"].items()))
+    lines = [
+        f"reeltag run: {s['videos_total']} videos: {s['videos_ok']} ok, {s['videos_failed']} failed"
+        + (f" ({failed})" if failed else "") + (f", {s['videos_skipped']} already done" if s["videos_skipped"] else ""),
+        f"  {s['segments']} segments in {s['wall_s']:.1f} s ({s['segments_per_s']:.2f} segments/s), "
+        f"model {s['model']}, config {s['config_hash']}",
+        f"  outputs: {s['outputs']['segments']}/*.parquet, {s['outputs']['errors']}/*.parquet, "
+        f"{s['outputs']['segments'].rsplit('/', 1)[0]}/run.json",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``reeltag run``: the tagging pipeline as one streaming Ray Data job, written by the driver as it streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import PipelineSpec
+from pipeline.decode import video_id
+from pipeline.stages import DecodeStage, EncodeStage
+from pipeline.writer import OutputWriter
+
+from ._ray import ray_session
+
+
+class JobError(RuntimeError):
+    """The job itself could not run (output not writable, model not loadable, Ray not reachable)."""
+
+
+def decode_short_side(spec: PipelineSpec) -> int:
+    """Short side the decoder resizes to: what the highest tower level needs (level L wants 2^(L-1) x R)."""
+    if spec.decode.short_side_px:
+        return spec.decode.short_side_px
+    from encoders.models import checkpoint_preprocess
+
+    cfg = checkpoint_preprocess(family=spec.model.family, pretrained=spec.model.pretrained,
+                                local_files_only=spec.model.local_files_only)
+    level1 = cfg.short_side or max(cfg.size)
+    return max(level1, cfg.resolution * 2 ** (max(spec.tower.levels) - 1))
+
+
+def check_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise JobError(f"output.dir {path!r} is not writable: {e.strerror or e}") from None
+    return out
+
+
+class _RayEncode:
+    """Ray actor wrapper: build the stage and load weights once per actor."""
+
+    def __init__(self, spec: PipelineSpec):
+        self.stage = EncodeStage(spec)
+        self.stage.setup()
+
+    def __call__(self, batch):
+        return self.stage(batch)
+
+
+@dataclass
+class Progress:
+    """One line on stderr: videos done/total, segments/s and ETA (rewritten in place on a terminal)."""
+
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    last: float = 0.0
+
+    def update(self, done: int, segments: int, *, final: bool = False) -> None:
+        now = time.monotonic()
+        tty = sys.stderr.isatty()
+        if not final and now - self.last < (0.5 if tty else 10.0):
+            return
+        self.last, elapsed = now, now - self.started
+        rate = segments / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) * elapsed / done if done else float("nan")
+        line = f"videos {done}/{self.total} · segments {segments} · {rate:.1f} seg/s · ETA {_fmt_s(eta)}"
+        print(("\r" if tty else "") + line, end="\n" if final or not tty else "", file=sys.stderr, flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    return "--" if s != s else f"{int(s) // 60}m{int(s) % 60:02d}s" if s >= 60 else f"{s:.0f}s"
+
+
+def run_pipeline(spec: PipelineSpec) -> dict:
+    """Run the pipeline over every input video not already finished in ``output.dir``; return run.json's data."""
+    started = time.time()
+    out = check_output_dir(spec.output.dir)
+    short_side = decode_short_side(spec)
+    config_hash, model = spec.config_hash(), spec.model_id()
+    writer = OutputWriter(out, config_hash=config_hash, model=model, shard_rows=spec.output.shard_rows)
+    videos = spec.videos()
+    finished = writer.finished()
+    todo = [uri for uri in videos if video_id(uri) not in finished]
+    progress = Progress(total=len(todo))
+    if todo:
+        with ray_session(spec.ray) as ray:
+            ds = ray.data.from_items([{"uri": uri} for uri in todo], override_num_blocks=len(todo))
+            # decode: 1 video -> N segment rows (frames [T,H,W,3]) + 1 end row, on CPU tasks
+            ds = ds.flat_map(DecodeStage(spec, short_side=short_side), num_cpus=spec.ray.decode_cpus)
+            # encode: N segment rows -> N rows with embeddings and tags, on actors that load the model once
+            ds = ds.map_batches(_RayEncode, fn_constructor_kwargs={"spec": spec}, batch_size=EncodeStage.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=spec.ray.encoder_actors),
+                                num_cpus=spec.ray.encoder_cpus, num_gpus=spec.ray.gpus_per_actor or None,
+                                batch_format="numpy")
+            # write: on the driver, whole videos per shard, as rows stream in
+            done = 0
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                done += len(writer.add(table))
+                progress.update(done, writer.segments)
+        writer.flush()
+    progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
+    wall = time.time() - started
+    summary = {
+        "videos_total": len(videos), "videos_skipped": len(videos) - len(todo), "videos_ok": writer.videos_ok,
+        "videos_failed": writer.videos_failed, "errors_by_type": dict(writer.errors_by_type),
+        "segments": writer.segments, "wall_s": round(wall, 3),
+        "segments_per_s": round(writer.segments / wall, 3) if wall > 0 else 0.0,
+        "config_hash": config_hash, "model": model,
+        "outputs": {"segments": str(out / "segments"), "errors": str(out / "errors")},
+    }
+    tmp = out / ".run.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "run.json")
+    return summary

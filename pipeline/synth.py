@@ -1,0 +1,105 @@
+"""Synthetic videos: one coloured shape moving on a plain or noisy background, written with PyAV.
+
+Used by the tests (real encoded files, known content) and by the offline demo.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 230), "yellow": (235, 215, 30)}
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
+
+
+@dataclass(frozen=True)
+class Clip:
+    colour: str
+    shape: str
+    motion: str
+    width: int = 96  # pixels
+    height: int = 64  # pixels
+    fps: float = 25.0  # frames per second
+    duration_s: float = 2.0  # seconds
+    noise: float = 0.0  # background noise amplitude, 0..255
+    size: float = 0.3  # shape diameter as a fraction of the short side
+    seed: int = 0
+
+    @property
+    def caption(self) -> str:
+        return f"a {self.colour} {self.shape} {self.motion}"
+
+
+def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    if shape == "square":
+        return (abs(x - cx) <= r) & (abs(y - cy) <= r)
+    return (y <= cy + r) & (y >= cy - r) & (abs(x - cx) <= (y - (cy - r)) / 2)  # triangle, apex up
+
+
+def render(clip: Clip) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` frames of the clip."""
+    rng = np.random.default_rng(clip.seed)
+    n = max(2, round(clip.duration_s * clip.fps))
+    h, w = clip.height, clip.width
+    base = np.full((h, w, 3), 128, np.float32) + rng.normal(0, clip.noise, (h, w, 3)) if clip.noise else np.full(
+        (h, w, 3), 128, np.float32)
+    r0 = clip.size * min(h, w) / 2
+    frames = []
+    for i in range(n):
+        p = i / (n - 1)  # progress 0..1
+        cx, cy, r = w / 2, h / 2, r0
+        travel_x, travel_y = (w - 2 * r0) * 0.8, (h - 2 * r0) * 0.8
+        match clip.motion:
+            case "moving left":
+                cx = w / 2 + travel_x * (0.5 - p)
+            case "moving right":
+                cx = w / 2 + travel_x * (p - 0.5)
+            case "moving up":
+                cy = h / 2 + travel_y * (0.5 - p)
+            case "moving down":
+                cy = h / 2 + travel_y * (p - 0.5)
+            case "growing":
+                r = r0 * (0.4 + 1.0 * p)
+            case "shrinking":
+                r = r0 * (1.4 - 1.0 * p)
+        frame = base.copy()
+        frame[_mask(clip.shape, h, w, cx, cy, r)] = COLOURS[clip.colour]
+        frames.append(frame.clip(0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 25.0, codec: str = "libx264",
+                options: dict | None = None, pix_fmt: str = "yuv420p") -> Path:
+    """Encode uint8 ``[N,H,W,3]`` frames to ``path`` with PyAV."""
+    import av
+    from fractions import Fraction
+
+    path = Path(path)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        stream.options = {k: str(v) for k, v in (options or {"crf": "18", "preset": "veryfast"}).items()} if (
+            codec == "libx264") else {k: str(v) for k, v in (options or {}).items()}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def write_clips(directory: str | Path, clips: list[Clip]) -> Path:
+    """Write each clip as ``NNNN.mp4`` plus ``labels.jsonl`` (uri, start_s, end_s, caption and the factors)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "labels.jsonl", "w") as f:
+        for i, clip in enumerate(clips):
+            path = write_video(directory / f"{i:04d}.mp4", render(clip), fps=clip.fps)
+            f.write(json.dumps({"uri": str(path), "start_s": 0.0, "end_s": clip.duration_s, "caption": clip.caption,
+                                **asdict(clip)}) + "\n")
+    return directory / "labels.jsonl"

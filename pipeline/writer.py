@@ -1,0 +1,144 @@
+"""Output tables: Parquet shards written to a temporary name and renamed, so a crash never leaves half a shard.
+
+The driver receives a stream of rows (segment rows with embeddings and tags, one ``end`` row per video that
+says how many segment rows the video has and whether it failed). A video is written only once all its rows
+are in, so every shard holds complete videos, and the set of finished videos is read back from the shards
+themselves: a re-run skips exactly what a previous run (crashed or not) finished, and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+TAG = pa.struct([("label", pa.string()), ("score", pa.float32())])
+
+# What the encode stage hands to the writer, one row per segment plus one "end" row per video.
+STREAM_SCHEMA = pa.schema([
+    ("kind", pa.string()),  # "segment" or "end"
+    ("video_id", pa.string()),
+    ("uri", pa.string()),
+    ("segment_id", pa.int32()),
+    ("n_segments", pa.int32()),  # on "end" rows: segment rows this video produced
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("frame_times_s", pa.list_(pa.float64())),
+    ("embedding", pa.list_(pa.float32())),
+    ("tags", pa.list_(TAG)),
+    ("backend", pa.string()),
+    ("stage", pa.string()),  # where it failed: decode, encode; empty when it did not
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+])
+
+SEGMENTS_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("uri", pa.string()),
+    ("segment_id", pa.int32()),
+    ("start_s", pa.float64()),
+    ("end_s", pa.float64()),
+    ("frame_times_s", pa.list_(pa.float64())),
+    ("embedding", pa.list_(pa.float32())),  # L2-normalised, in the model's joint text-video space
+    ("tags", pa.list_(TAG)),  # best first
+    ("backend", pa.string()),  # decoder that served the video
+    ("model", pa.string()),
+    ("config_hash", pa.string()),
+])
+
+ERRORS_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("uri", pa.string()),
+    ("stage", pa.string()),
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+    ("config_hash", pa.string()),
+])
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` through a hidden temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_table(out_dir: str | Path, name: str) -> pa.Table:
+    """All shards of ``segments`` or ``errors`` under ``out_dir`` as one table (empty with the schema if none)."""
+    schema = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA}[name]
+    files = sorted((Path(out_dir) / name).glob("*.parquet"))
+    if not files:
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+
+
+class OutputWriter:
+    """Buffers stream rows per video; writes finished videos as ``segments``/``errors`` shard pairs."""
+
+    def __init__(self, out_dir: str | Path, *, config_hash: str, model: str, shard_rows: int = 4096):
+        self.out_dir, self.config_hash, self.model, self.shard_rows = Path(out_dir), config_hash, model, shard_rows
+        for name in ("segments", "errors"):
+            (self.out_dir / name).mkdir(parents=True, exist_ok=True)
+        self._rows: dict[str, list[dict]] = defaultdict(list)  # video_id -> its rows so far
+        self._ready: list[dict] = []  # rows of finished videos not yet in a shard
+        self.videos_ok = self.videos_failed = self.segments = 0
+        self.errors_by_type: dict[str, int] = defaultdict(int)
+
+    def finished(self) -> set[str]:
+        """Video ids that shards already hold for this config (a crashed run's complete shards included)."""
+        done = set()
+        for name in ("segments", "errors"):
+            for f in (self.out_dir / name).glob("*.parquet"):
+                t = pq.read_table(f, columns=["video_id", "config_hash"])
+                done.update(t.filter(pc.equal(t["config_hash"], self.config_hash))["video_id"].to_pylist())
+        return done
+
+    def add(self, table: pa.Table) -> list[str]:
+        """Take a batch of stream rows; return the ids of the videos it completed."""
+        completed = []
+        for row in table.to_pylist():
+            rows = self._rows[row["video_id"]]
+            rows.append(row)
+            end = next((r for r in rows if r["kind"] == "end"), None)
+            if end is not None and len(rows) == end["n_segments"] + 1:
+                self._ready.extend(self._rows.pop(row["video_id"]))
+                self._count(rows)
+                completed.append(row["video_id"])
+        if sum(r["kind"] == "segment" for r in self._ready) >= self.shard_rows:
+            self.flush()
+        return completed
+
+    def _count(self, rows: list[dict]) -> None:
+        failures = [r for r in rows if r["error_type"]]
+        self.segments += sum(r["kind"] == "segment" and not r["error_type"] for r in rows)
+        if failures:
+            self.videos_failed += 1
+            for r in failures:
+                self.errors_by_type[r["error_type"]] += 1
+        else:
+            self.videos_ok += 1
+
+    def flush(self) -> None:
+        """Write the finished videos' rows: the errors shard first, then the segments shard."""
+        if not self._ready:
+            return
+        name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+        good = [r for r in self._ready if r["kind"] == "segment" and not r["error_type"]]
+        bad = [r for r in self._ready if r["error_type"]]
+        common = {"model": self.model, "config_hash": self.config_hash}
+        if bad:
+            write_atomic(pa.Table.from_pylist([{**r, **common} for r in bad], schema=ERRORS_SCHEMA),
+                         self.out_dir / "errors" / name)
+        if good:
+            write_atomic(pa.Table.from_pylist([{**r, **common} for r in good], schema=SEGMENTS_SCHEMA),
+                         self.out_dir / "segments" / name)
+        self._ready = []
+
+    def unfinished(self) -> list[str]:
+        """Videos with rows but no complete set (only after a failure upstream)."""
+        return list(self._rows)
