@@ -74,14 +74,16 @@ def build_tiny_align(*, seed: int = 0, words: tuple[str, ...] = (), image_size: 
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
     # EfficientNet's pooled width is round_filters(1280) = 32 at width_coefficient 0.1; the text projection matches it.
+    # At the default init (std 0.02) this shallow EfficientNet's activations vanish (~1e-31); 0.5 keeps them O(1).
     vision = dict(image_size=image_size, width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=embed_dim,
-                  num_channels=3)
+                  num_channels=3, initializer_range=0.5)
     config = AlignConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
     torch.manual_seed(seed)
     model = AlignModel(config).eval()
     processor = EfficientNetImageProcessor(size={"height": image_size + 4, "width": image_size + 4},
                                            crop_size={"height": image_size, "width": image_size}, do_center_crop=True,
-                                           rescale_factor=1 / 127.5, rescale_offset=True, do_normalize=False)
+                                           rescale_factor=1 / 127.5, rescale_offset=True, do_normalize=False,
+                                           include_top=False)  # as kakaobrain/align-base
     return model, tokenizer, processor
 
 

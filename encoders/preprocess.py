@@ -18,6 +18,7 @@ class PreprocessCfg:
     std: tuple[float, float, float]  # per-channel std, after rescaling
     rescale: float = 1 / 255  # multiply raw 0..255 values by this
     offset: bool = False  # subtract 1 after rescaling (ALIGN maps pixels to [-1, 1])
+    top_std: tuple[float, float, float] | None = None  # EfficientNet `include_top`: divide by this std once more
 
     @classmethod
     def from_processor_dict(cls, d: dict) -> "PreprocessCfg":
@@ -39,6 +40,7 @@ class PreprocessCfg:
             std=tuple(d.get("image_std", (1.0,) * 3)) if do_norm else (1.0,) * 3,
             rescale=float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else 1.0,
             offset=bool(d.get("rescale_offset", False)),
+            top_std=tuple(d.get("image_std", (1.0,) * 3)) if d.get("include_top", False) else None,
         )
 
     @property
@@ -86,4 +88,7 @@ def normalise(x: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
         x = x - 1.0
     mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    x = (x - mean) / std
+    if cfg.top_std is not None:
+        x = x / torch.tensor(cfg.top_std, dtype=x.dtype).view(1, 3, 1, 1)
+    return x

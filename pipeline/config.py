@@ -234,6 +234,7 @@ def parse_spec(text: str, *, source: str = "<string>", overrides: list[str] = ()
 def _read_yaml(text: str, source: str) -> tuple[dict, dict[tuple, str]]:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -247,7 +248,7 @@ def _read_yaml(text: str, source: str) -> tuple[dict, dict[tuple, str]]:
     _index_lines(root, (), source, where, problems)
     if problems:
         raise ConfigError(problems)
-    return yaml.safe_load(text), where
+    return data, where
 
 
 def _index_lines(node: yaml.Node, key: tuple, source: str, where: dict, problems: list[str]) -> None:
