@@ -50,7 +50,7 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: Decord, PyAV when Decord cannot open a file
+    backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: Decord, PyAV when Decord cannot open or read a file
     short_side_px: int | None = None  # decoded short side in pixels; null: what the tower levels need
     threads: int = field(default=1, metadata=_POSITIVE)  # decoder threads per decode task
 
@@ -88,7 +88,7 @@ class ModelSpec:
     family: Literal["clip", "align"] = "clip"  # model family of the checkpoint
     pretrained: str = "openai/clip-vit-base-patch32"  # Hugging Face hub id (org/name) or a local checkpoint directory
     local_files_only: bool = False  # never contact the hub (air-gapped clusters)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs and CPUs with AVX512_BF16/AMX, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the encoder worker has a GPU
     batch_size: int = field(default=8, metadata=_POSITIVE)  # images per backbone call
 
@@ -163,7 +163,7 @@ class PipelineSpec:
             raise _FieldProblem("input.paths", "required: video files, directories or globs")
         for i, pattern in enumerate(self.input.paths):
             if not _expand(pattern, self.input.extensions):
-                what = "no video files match" if glob.has_magic(pattern) or os.path.isdir(pattern) else "file not found"
+                what = "no video files match" if glob.has_magic(pattern) or os.path.isdir(pattern) else "not found"
                 raise _FieldProblem(f"input.paths.{i}", f"{what}: {pattern}")
 
     @property

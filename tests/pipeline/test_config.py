@@ -92,7 +92,7 @@ def test_missing_files_are_named(files):
     text = _yaml(files).replace(str(files["vocab"]), "nope/labels.txt").replace(str(files["videos"]), "nope.mp4")
     assert _errors(text) == ["pipeline.yaml:6 tags.vocabulary: file not found: nope/labels.txt"]
     text = _yaml(files).replace(str(files["videos"]), "nope.mp4")
-    assert _errors(text) == ["pipeline.yaml:2 input.paths.0: file not found: nope.mp4"]
+    assert _errors(text) == ["pipeline.yaml:2 input.paths.0: not found: nope.mp4"]
     text = _yaml(files).replace(str(files["videos"]), str(files["videos"]) + "/*.webm")
     assert _errors(text) == [f"pipeline.yaml:2 input.paths.0: no video files match: {files['videos']}/*.webm"]
     text = _yaml(files).replace(str(files["model"]), "./no-such-model")
