@@ -125,7 +125,6 @@ def _create_hf(cls: type[ImageTextEncoder], model_cls, *, pretrained: str, local
                dtype: str = "auto", device: str = "auto") -> ImageTextEncoder:
     from transformers import AutoTokenizer
     from transformers.image_processing_utils import ImageProcessingMixin
-
     from transformers.utils import logging
 
     logging.disable_progress_bar()

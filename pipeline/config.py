@@ -76,7 +76,7 @@ class TowerSpec:
 
     def __post_init__(self):
         if not self.levels or 1 not in self.levels or any(lv not in (1, 2, 3) for lv in self.levels):
-            raise _FieldProblem("levels", f"must be a list of levels from 1, 2, 3 that includes 1, got {list(self.levels)}")
+            raise _FieldProblem("levels", f"must be a list of levels from 1, 2, 3 including 1, got {list(self.levels)}")
         if len(set(self.levels)) != len(self.levels):
             raise _FieldProblem("levels", f"must not repeat a level, got {list(self.levels)}")
         if self.fusion == "global" and self.levels != (1,):
@@ -88,7 +88,7 @@ class ModelSpec:
     family: Literal["clip", "align"] = "clip"  # model family of the checkpoint
     pretrained: str = "openai/clip-vit-base-patch32"  # Hugging Face hub id (org/name) or a local checkpoint directory
     local_files_only: bool = False  # never contact the hub (air-gapped clusters)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs and CPUs with AVX512_BF16/AMX, else fp32
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs and bf16 CPUs, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the encoder worker has a GPU
     batch_size: int = field(default=8, metadata=_POSITIVE)  # images per backbone call
 
@@ -334,7 +334,7 @@ def _build(cls: type, data: Any, key: tuple, where: dict, problems: list[str]) -
             problems.append(_problem(where, sub, check[1].format(got=value)))
             continue
         kwargs[name] = converted
-    for name, f in fields.items():  # sections not given in the YAML still validate their defaults
+    for name in fields:  # sections not given in the YAML still validate their defaults
         if name not in data and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], {}, (*key, name), where, problems)
     if len(problems) > before:
@@ -377,7 +377,9 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any, str]:
             out.append(converted)
         return True, tuple(out), ""
     if hint is bool:
-        return (True, value, "") if isinstance(value, bool) else (False, None, f"expected true or false, got {_kind(value)}")
+        if isinstance(value, bool):
+            return True, value, ""
+        return False, None, f"expected true or false, got {_kind(value)}"
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return True, value, ""

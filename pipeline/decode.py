@@ -133,7 +133,7 @@ class PyAVReader:
             while self._next <= index:
                 frame = next(self._frames, None)
                 if frame is None:
-                    raise DecodeError("truncated", f"frame {int(index)} could not be decoded (truncated or corrupt file)")
+                    raise DecodeError("truncated", f"frame {int(index)} could not be decoded (truncated or corrupt)")
                 self._next += 1
             out.append(frame.to_ndarray(width=self._size[0], height=self._size[1], format="rgb24"))
         return np.stack(out)

@@ -78,8 +78,9 @@ def render(clip: Clip) -> np.ndarray:
 def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 25.0, codec: str = "libx264",
                 options: dict | None = None, pix_fmt: str = "yuv420p") -> Path:
     """Encode uint8 ``[N,H,W,3]`` frames to ``path`` with PyAV."""
-    import av
     from fractions import Fraction
+
+    import av
 
     path = Path(path)
     with av.open(str(path), "w") as container:
