@@ -11,6 +11,7 @@ demo: $(VENV)/.installed
 	$(BIN)/reeltag demo
 
 test: $(VENV)/.installed
+	@command -v ffmpeg >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null; } || echo "ffmpeg CLI missing: its tests will be skipped"
 	$(BIN)/python -m pytest -q
 
 install: $(VENV)/.installed

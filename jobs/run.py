@@ -105,7 +105,8 @@ def run_pipeline(spec: PipelineSpec) -> dict:
             done = 0
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 done += len(writer.add(table))
-                progress.update(done, writer.segments)
+                if done < len(todo):
+                    progress.update(done, writer.segments)
         writer.flush()
     progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
     wall = time.time() - started

@@ -40,6 +40,7 @@ def _check(fn, message: str) -> dict:
 
 _POSITIVE = _check(lambda v: v > 0, "must be > 0, got {got}")
 _NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0, got {got}")
+_FRACTION = _check(lambda v: 0 < v < 1, "must be between 0 and 1, got {got}")
 
 
 @dataclass(frozen=True)
@@ -51,22 +52,31 @@ class InputSpec:
 @dataclass(frozen=True)
 class DecodeSpec:
     backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: Decord, PyAV when Decord cannot open or read a file
-    short_side_px: int | None = None  # decoded short side in pixels; null: what the tower levels need
+    short_side_px: int | None = field(default=None, metadata=_POSITIVE)  # decoded short side, px; null: from tower
+    exact: bool = True  # false: skip non-reference frames and take the nearest decoded frame (faster, coarser)
     threads: int = field(default=1, metadata=_POSITIVE)  # decoder threads per decode task
+    timeout_s: float = field(default=120.0, metadata=_POSITIVE)  # a decode making no progress this long is ended
+    chunk_segments: int = field(default=16, metadata=_POSITIVE)  # segments decoded (and held in memory) at a time
+    recycle_after: int = field(default=100, metadata=_POSITIVE)  # videos per decoder process before a fresh one
 
 
 @dataclass(frozen=True)
 class SegmentsSpec:
-    mode: Literal["window", "whole"] = "window"  # window: fixed windows; whole: one segment per video
-    window_s: float = field(default=4.0, metadata=_POSITIVE)  # window length in seconds
+    mode: Literal["window", "whole", "shots"] = "window"  # window: fixed windows; whole: one; shots: camera shots
+    window_s: float = field(default=4.0, metadata=_POSITIVE)  # window length in seconds (shots: longer ones split)
     stride_s: float | None = field(default=None, metadata=_POSITIVE)  # seconds between window starts; null: window_s
     min_segment_s: float = field(default=1.0, metadata=_NON_NEGATIVE)  # last partial window kept if at least this long
+    shot_threshold: float = field(default=0.35, metadata=_FRACTION)  # shots: cut where histograms differ more (0..1)
+    min_shot_s: float = field(default=1.0, metadata=_NON_NEGATIVE)  # shots: no cut closer than this to the previous
 
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    strategy: Literal["uniform"] = "uniform"  # uniform: `frames` frames spread evenly over the segment, centred
-    frames: int = field(default=8, metadata=_POSITIVE)  # frames per segment
+    strategy: Literal["uniform", "fps", "tsn"] = "uniform"  # uniform: evenly, centred; fps: at target_fps; tsn: random
+    frames: int = field(default=8, metadata=_POSITIVE)  # frames per segment (uniform, tsn)
+    target_fps: float = field(default=2.0, metadata=_POSITIVE)  # fps: frames per second of video
+    max_frames: int = field(default=32, metadata=_POSITIVE)  # fps: at most this many frames per segment
+    seed: int = 0  # tsn: random draws are fixed by (seed, video, segment)
 
 
 @dataclass(frozen=True)

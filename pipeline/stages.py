@@ -4,14 +4,15 @@ transform in ``__call__``. ``jobs/`` maps them onto Ray; :func:`run_sequential` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from .config import PipelineSpec
-from .decode import DecodeError, decode_size, open_reader, probe, read_chunks, video_id
-from .segments import plan_segments
+from ._isolate import IsolatedDecoder
+from .decode import DecodeError, _first_line, choose_backend, decode_size, low_res_histograms, open_reader, probe, video_id
+from .segments import plan_segments, shot_boundaries
 from .writer import STREAM_SCHEMA
 
 
@@ -29,55 +30,90 @@ def _row(kind: str, vid: str, uri: str, **fields) -> dict:
     return row
 
 
+def decode_rows(uri: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]:
+    """1 video -> its segment rows (frames ``[T,H,W,3]`` uint8), a chunk of segments decoded at a time, then one
+    ``end`` row: the count, or the failure. Frames decoded before a failure are kept (a truncated file keeps its
+    first part and records the truncation). Runs in the decoder process."""
+    vid, count, backend, failure = video_id(uri), 0, "", {}
+    try:
+        info, index = probe(uri)
+        seg, smp, dec = spec.segments, spec.sampling, spec.decode
+        cuts = []
+        if seg.mode == "shots":
+            hists = low_res_histograms(uri, index, threads=dec.threads)
+            cuts = shot_boundaries(hists, index.times_s[:len(hists)], threshold=seg.shot_threshold,
+                                   min_shot_s=seg.min_shot_s)
+        plan = plan_segments(index.times_s, index.end_s, mode=seg.mode, window_s=seg.window_s, stride_s=spec.stride_s,
+                             min_segment_s=seg.min_segment_s, strategy=smp.strategy, frames=smp.frames,
+                             target_fps=smp.target_fps, max_frames=smp.max_frames, seed=smp.seed, key=vid, cuts=cuts)
+        size = decode_size(info, short_side)
+        backend = choose_backend(info, dec.backend, dec.exact)
+        reader = _open(backend, uri, info, index, size, dec)
+        try:
+            for first in range(0, len(plan), dec.chunk_segments):
+                group = plan[first:first + dec.chunk_segments]
+                needed = np.unique(np.concatenate([s.frame_indices for s in group]))
+                try:
+                    frames = reader.read(needed)
+                except DecodeError:
+                    if reader.name != "decord" or dec.backend != "auto":
+                        raise
+                    reader.close()  # Decord failed mid-file: PyAV takes over from this chunk on
+                    backend, reader = "pyav", _open("pyav", uri, info, index, size, dec)
+                    frames = reader.read(needed)
+                for s in group:
+                    yield _row("segment", vid, uri, segment_id=s.segment_id, start_s=s.start_s, end_s=s.end_s,
+                               frame_times_s=s.frame_times_s, frames=frames[np.searchsorted(needed, s.frame_indices)],
+                               backend=backend)
+                    count += 1
+        finally:
+            reader.close()
+        if info.duration_s and index.end_s < info.duration_s - max(1.0, 0.05 * info.duration_s):
+            raise DecodeError("truncated", f"the file holds {index.end_s:.1f} s of the {info.duration_s:.1f} s its "
+                                           f"header declares (truncated); kept {count} segments")
+    except DecodeError as e:
+        failure = {"stage": "decode", "error_type": e.error_type, "message": str(e)}
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this video's, never the job's
+        failure = {"stage": "decode", "error_type": type(e).__name__, "message": _first_line(e)}
+    yield _row("end", vid, uri, n_segments=count, backend=backend, **failure)
+
+
+def _open(backend: str, uri: str, info, index, size, dec):
+    """Open ``backend``; when ``auto`` picked Decord and it cannot open the file, PyAV."""
+    try:
+        return open_reader(backend, uri, info, index, size, threads=dec.threads, exact=dec.exact)
+    except DecodeError:
+        if backend != "decord" or dec.backend != "auto":
+            raise
+        return open_reader("pyav", uri, info, index, size, threads=dec.threads, exact=dec.exact)
+
+
 class DecodeStage:
-    """1 video -> N segment rows (frames ``[T,H,W,3]`` uint8) + 1 ``end`` row (count, or the failure)."""
+    """1 video -> N segment rows + 1 ``end`` row, decoded in a child process (see ``_isolate``)."""
 
     resources = Resources(cpus=1.0)
 
     def __init__(self, spec: PipelineSpec, *, short_side: int):
         self.spec, self.short_side = spec, short_side
+        self._decoder = None
 
     def setup(self) -> None:
-        pass
+        d = self.spec.decode
+        self._decoder = IsolatedDecoder(decode_rows, timeout_s=d.timeout_s, recycle_after=d.recycle_after)
 
-    def __call__(self, item: dict) -> list[dict]:
+    def __call__(self, item: dict) -> Iterator[dict]:
+        if self._decoder is None:
+            self.setup()
         uri = item["uri"]
-        vid, rows, backend = video_id(uri), [], ""
-        failure: dict = {}
-        try:
-            info = probe(uri)
-            # auto: Decord first; PyAV when Decord cannot open *or read* the file (it fails on some sizes).
-            backends = ("decord", "pyav") if self.spec.decode.backend == "auto" else (self.spec.decode.backend,)
-            for n, backend in enumerate(backends, start=1):
-                try:
-                    rows = self._segments(uri, vid, info, backend)
-                    break
-                except Exception:
-                    if n == len(backends):
-                        raise
-        except DecodeError as e:
-            failure = {"stage": "decode", "error_type": e.error_type, "message": str(e)}
-        except Exception as e:  # noqa: BLE001 - any decoder failure is this video's, never the job's
-            failure = {"stage": "decode", "error_type": type(e).__name__, "message": _first_line(e)}
-        return rows + [_row("end", vid, uri, n_segments=len(rows), backend=backend, **failure)]
+        vid = video_id(uri)
 
-    def _segments(self, uri: str, vid: str, info, backend: str) -> list[dict]:
-        reader = open_reader(uri, backend, decode_size(info, self.short_side), self.spec.decode.threads)
-        try:
-            times, duration = reader.frame_times()
-            seg = self.spec.segments
-            plan = plan_segments(times, duration, mode=seg.mode, window_s=seg.window_s, stride_s=self.spec.stride_s,
-                                 min_segment_s=seg.min_segment_s, frames=self.spec.sampling.frames)
-            return [_row("segment", vid, uri, segment_id=s.segment_id, start_s=s.start_s, end_s=s.end_s,
-                         frame_times_s=s.frame_times_s, frames=frames, backend=backend)
-                    for s, frames in read_chunks(reader, plan)]
-        finally:
-            reader.close()
+        def failed(error_type: str, message: str, count: int) -> dict:
+            return _row("end", vid, uri, n_segments=count, stage="decode", error_type=error_type, message=message)
 
+        yield from self._decoder.run(uri, self.spec, self.short_side, on_fail=failed)
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[-1] if text else type(e).__name__)[:500]
+    def __getstate__(self):  # the decoder process belongs to the worker that started it
+        return {**self.__dict__, "_decoder": None}
 
 
 class EncodeStage:
@@ -142,7 +178,7 @@ def run_sequential(spec: PipelineSpec, uris: Iterable[str], *, short_side: int) 
     encode.setup()
     tables = []
     for uri in uris:
-        rows = decode({"uri": uri})
+        rows = list(decode({"uri": uri}))
         batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
         tables.append(encode(batch))
     return pa.concat_tables(tables)

@@ -76,20 +76,27 @@ def render(clip: Clip) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 25.0, codec: str = "libx264",
-                options: dict | None = None, pix_fmt: str = "yuv420p") -> Path:
-    """Encode uint8 ``[N,H,W,3]`` frames to ``path`` with PyAV."""
+                options: dict | None = None, pix_fmt: str = "yuv420p", times_s: np.ndarray | None = None,
+                container_options: dict | None = None) -> Path:
+    """Encode uint8 ``[N,H,W,3]`` frames to ``path`` with PyAV; ``times_s`` gives each frame's own presentation
+    time (a variable-frame-rate file), otherwise frames are ``1/fps`` apart."""
     from fractions import Fraction
 
     import av
 
     path = Path(path)
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         stream.options = {k: str(v) for k, v in (options or {"crf": "18", "preset": "veryfast"}).items()} if (
             codec == "libx264") else {k: str(v) for k, v in (options or {}).items()}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        if times_s is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if times_s is not None:
+                video_frame.pts, video_frame.time_base = round(times_s[i] * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(video_frame))
         container.mux(stream.encode())
     return path
 

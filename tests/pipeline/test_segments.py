@@ -1,19 +1,45 @@
 import numpy as np
 import pytest
 
-from pipeline.segments import plan_segments, plan_windows, sample_uniform
+from pipeline.segments import (frame_histograms, plan_segments, plan_spans, sample_fps, sample_uniform,
+                                shot_boundaries)
+
+W = dict(window_s=4, stride_s=4, min_segment_s=1)
 
 
 def test_windows_keep_a_long_enough_last_partial_window():
-    assert plan_windows(10.0, mode="window", window_s=4, stride_s=4, min_segment_s=1) == [(0, 4), (4, 8), (8, 10)]
-    assert plan_windows(8.5, mode="window", window_s=4, stride_s=4, min_segment_s=1) == [(0, 4), (4, 8)]
-    assert plan_windows(3.0, mode="window", window_s=4, stride_s=4, min_segment_s=1) == [(0, 3.0)]
-    assert plan_windows(10.0, mode="whole", window_s=4, stride_s=4, min_segment_s=1) == [(0, 10.0)]
+    assert plan_spans(10.0, mode="window", **W) == [(0, 4), (4, 8), (8, 10)]
+    assert plan_spans(8.5, mode="window", **W) == [(0, 4), (4, 8)]
+    assert plan_spans(3.0, mode="window", **W) == [(0, 3.0)]
+    assert plan_spans(10.0, mode="whole", **W) == [(0, 10.0)]
 
 
 def test_overlapping_windows():
-    assert plan_windows(6.0, mode="window", window_s=4, stride_s=2, min_segment_s=1) == [(0, 4), (2, 6)]
-    assert plan_windows(7.0, mode="window", window_s=4, stride_s=2, min_segment_s=1) == [(0, 4), (2, 6), (4, 7)]
+    assert plan_spans(6.0, mode="window", window_s=4, stride_s=2, min_segment_s=1) == [(0, 4), (2, 6)]
+    assert plan_spans(7.0, mode="window", window_s=4, stride_s=2, min_segment_s=1) == [(0, 4), (2, 6), (4, 7)]
+
+
+def test_shots_are_split_into_windows_when_long():
+    assert plan_spans(12.0, mode="shots", cuts=[3.0, 10.5], **W) == [(0, 3.0), (3.0, 7.0), (7.0, 10.5), (10.5, 12.0)]
+
+
+def test_cut_detection_on_hand_built_histograms():
+    times = np.arange(10) / 10
+    a, b = np.zeros((1, 48)), np.zeros((1, 48))
+    a[0, 0] = b[0, 5] = 1.0
+    hists = np.concatenate([a.repeat(3, 0), b.repeat(1, 0), a.repeat(6, 0)])  # a one-frame flash at 0.3 s
+    assert shot_boundaries(hists, times, threshold=0.35, min_shot_s=0.0) == [0.3, 0.4]
+    assert shot_boundaries(hists, times, threshold=0.35, min_shot_s=0.2) == [0.3]  # too close to the previous cut
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    frames[1] = 255
+    h = frame_histograms(frames)
+    assert h.shape == (2, 48) and h.sum(axis=1) == pytest.approx([1, 1]) and h[0, 0] == h[1, 15] == pytest.approx(1 / 3)
+
+
+def test_fps_sampling_is_capped():
+    times = np.arange(250) / 25.0
+    assert sample_fps(times, 0.0, 4.0, 2.0, 32).tolist() == [6, 18, 31, 43, 56, 68, 81, 93]
+    assert len(sample_fps(times, 0.0, 10.0, 25.0, 16)) == 16
 
 
 def test_uniform_sampling_centres_frames_in_equal_parts():

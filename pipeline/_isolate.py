@@ -1,0 +1,102 @@
+"""Decoding in a child process, so the job survives what native decoders do: a hang (Decord can stall holding
+the GIL) is killed after ``timeout_s`` without progress, a crash loses only that video's attempt, and the child
+is replaced every ``recycle_after`` videos so leaks cannot grow."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Callable, Iterator
+
+
+def _serve(conn, fn: Callable) -> None:
+    """Child: for each request, stream ``fn(*args)``'s rows back, then a ``done`` marker."""
+    while True:
+        try:
+            args = conn.recv()
+        except EOFError:
+            return
+        if args is None:
+            return
+        for row in fn(*args):
+            conn.send(("row", row))
+        conn.send(("done", None))
+
+
+class IsolatedDecoder:
+    """Runs a row generator ``fn(*args)`` in a reusable child process; failures come back as ``on_fail`` rows."""
+
+    def __init__(self, fn: Callable[..., Iterator[dict]], *, timeout_s: float, recycle_after: int):
+        self.fn, self.timeout_s, self.recycle_after = fn, timeout_s, recycle_after
+        self._proc = self._conn = None
+        self._served = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")  # fork is unsafe inside threaded workers such as Ray's
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, self.fn), daemon=True)
+        self._proc.start()
+        child.close()
+        self._served = 0
+
+    def run(self, *args, on_fail: Callable[[str, str, int], dict]) -> Iterator[dict]:
+        """Yield the child's rows for ``args``; if it stalls or dies, yield ``on_fail(type, message, rows_so_far)``."""
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        self._conn.send(args)
+        finished = False
+        try:
+            yield from self._rows(on_fail)
+            finished = True
+        finally:
+            if not finished and self._proc is not None:
+                self.close(kill=True)  # the consumer stopped early: the child may still be sending this video
+
+    def _rows(self, on_fail) -> Iterator[dict]:
+        count = 0
+        while True:
+            if not self._conn.poll(self.timeout_s):
+                self.close(kill=True)
+                yield on_fail("timeout", f"no progress for {self.timeout_s:g} s (decode.timeout_s): decoder stopped",
+                              count)
+                return
+            try:
+                kind, row = self._conn.recv()
+            except (EOFError, ConnectionError, OSError):
+                code = self._proc.exitcode if self._proc is not None else None
+                self.close(kill=True)
+                yield on_fail("decoder_crashed", f"the decoder process died (exit code {code})", count)
+                return
+            if kind == "done":
+                break
+            count += row.get("kind") == "segment"
+            yield row
+        self._served += 1
+        if self._served >= self.recycle_after:
+            self.close()
+
+    def close(self, *, kill: bool = False) -> None:
+        if self._proc is None:
+            return
+        if kill:
+            self._proc.kill()
+        else:
+            try:
+                self._conn.send(None)
+            except (OSError, ValueError):
+                pass
+        self._proc.join(timeout=10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+        self._proc = self._conn = None
+
+    def __del__(self):
+        try:
+            self.close(kill=True)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
