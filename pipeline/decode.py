@@ -5,7 +5,8 @@ everywhere else. Every failure becomes a :class:`DecodeError` with a readable re
 Measured here (tests/pipeline/test_decode_exact.py pins each): Decord 0.6.0 returns the requested frame on
 H.264, VP9 and MJPEG, but frames a few positions late after HEVC keyframes and a whole GOP early on MPEG-4
 Part 2 AVI with B-frames. VP8 is decoded exactly by Decord on our files, but was reported wrong on others, so
-it goes to PyAV too. ``auto`` therefore uses Decord only for the codecs in :data:`DECORD_EXACT_CODECS`.
+it goes to PyAV too. ``auto`` therefore uses Decord only for the codecs in :data:`DECORD_EXACT_CODECS`, and
+only for dense reads: for sparse ones PyAV is faster (benchmarks/decode_bench.py).
 """
 
 from __future__ import annotations
@@ -135,11 +136,16 @@ def decode_size(info: VideoInfo, short_side: int) -> tuple[int, int]:
     return max(2, round(info.width * scale / 2) * 2), max(2, round(info.height * scale / 2) * 2)
 
 
-def choose_backend(info: VideoInfo, requested: str, exact: bool) -> str:
-    """``auto``: Decord for the codecs it decodes exactly, PyAV for the rest and for inexact (fast) decoding."""
+SPARSE_FRACTION = 0.10  # below this share of a video's frames, PyAV's seek + skip-ahead beats Decord (benchmarks/)
+
+
+def choose_backend(info: VideoInfo, requested: str, exact: bool, needed_fraction: float = 1.0) -> str:
+    """``auto``: Decord for dense reads of the codecs it decodes exactly; PyAV for other codecs, for sparse reads
+    (it skips non-reference frames on the way to a target: 1.3x faster than Decord there) and when inexact."""
     if requested != "auto":
         return requested
-    return "decord" if exact and info.codec in DECORD_EXACT_CODECS else "pyav"
+    dense = needed_fraction >= SPARSE_FRACTION
+    return "decord" if exact and dense and info.codec in DECORD_EXACT_CODECS else "pyav"
 
 
 class DecordReader:
@@ -156,6 +162,8 @@ class DecordReader:
             raise DecodeError("unreadable", f"decord cannot open the file: {str(e).splitlines()[0]}") from None
         if len(self._vr) != len(index.pts):  # then its frame k is not ours: do not guess
             raise DecodeError("index_mismatch", f"decord sees {len(self._vr)} frames, the demuxer {len(index.pts)}")
+        self._index = index
+        self.served_pts = np.zeros(0, np.int64)  # pts of the frames the last read() returned
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """uint8 ``[len(indices), H, W, 3]`` for sorted unique frame indices."""
@@ -167,6 +175,7 @@ class DecordReader:
             raise DecodeError("decord_failed", f"decord could not read frames: {_first_line(e)}") from None
         if frames.shape[-1] != 3:  # Decord 0.6.0 returns 4 channels at some output widths
             raise DecodeError("decord_bad_output", f"decord returned frames of shape {frames.shape}")
+        self.served_pts = self._index.pts[indices]
         return frames
 
     def close(self) -> None:
@@ -175,8 +184,9 @@ class DecordReader:
 
 class PyAVReader:
     """PyAV: seek to the keyframe before each wanted frame (when it lies ahead of the decoder) and decode
-    forward to the frame's exact timestamp. ``exact=False`` lets FFmpeg skip non-reference frames and takes
-    the nearest frame that was decoded: several times faster on long GOPs, timestamps a few frames off."""
+    forward to the frame's exact timestamp, skipping non-reference frames while the target is still far away
+    (a target that gets skipped all the same is decoded again without skipping). ``exact=False`` is a coarse
+    pass: FFmpeg skips B-frames and deblocking, and each sample takes the nearest decoded frame."""
 
     name = "pyav"
 
@@ -187,15 +197,22 @@ class PyAVReader:
         self._coded_size = (h, w) if info.rotation in (90, 270) else (w, h)
         self._container = self._frames = None
         self._prev = self._held = None  # the decoder's last two frames: before and at/after the last target
+        self.served_pts = np.zeros(0, np.int64)  # pts of the frames the last read() returned
+        step = int(np.median(np.diff(index.pts))) if len(index.pts) > 1 else 1
+        self._margin, self._skip = 16 * step, "DEFAULT"  # skip non-reference frames until 16 frames short of a target
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        return np.stack([self._to_rgb(self._frame_at(int(self._index.pts[i]))) for i in indices])
+        """uint8 ``[len(indices), H, W, 3]`` for sorted unique frame indices; ``served_pts`` says which frames
+        they are (the requested ones when exact, the nearest decoded ones otherwise)."""
+        frames = [self._frame_at(int(self._index.pts[i])) for i in indices]
+        self.served_pts = np.array([f.pts for f in frames], dtype=np.int64)
+        return np.stack([self._to_rgb(f) for f in frames])
 
     def _position(self) -> int | None:
         frame = self._held if self._held is not None else self._prev
         return None if frame is None else frame.pts
 
-    def _frame_at(self, target: int):
+    def _frame_at(self, target: int, *, fast_forward: bool = True):
         key, here = self._index.keyframe_before(target), self._position()
         passed = self._held is not None and self._held.pts > target if self._exact else (
             self._prev is not None and self._prev.pts > target)
@@ -204,18 +221,30 @@ class PyAVReader:
         while self._held is None or self._held.pts < target:
             if self._held is not None:
                 self._prev = self._held
+            if self._exact:  # far from the target, frames nothing refers to need not be decoded at all
+                position = self._position()
+                far = fast_forward and position is not None and target - position > self._margin
+                self._set_skip("NONREF" if far else "DEFAULT")
             self._held = self._next_frame()
             if self._held is None:
                 break
         if self._held is not None and self._held.pts == target:
             return self._held
         seconds = f"{(target - self._index.pts[0]) * self._index.time_base:.3f} s"
+        if self._exact and fast_forward and self._held is not None:
+            self._frames = None  # the target was skipped as non-reference after all: decode its GOP in full
+            return self._frame_at(target, fast_forward=False)
         if self._exact or (self._held is None and self._prev is None):
             if self._held is None:
                 raise DecodeError("truncated", f"no frame at {seconds}: the file ends early or is corrupt there")
             raise DecodeError("missing_frame", f"the frame at {seconds} did not decode")
         candidates = [f for f in (self._prev, self._held) if f is not None]
         return min(candidates, key=lambda f: abs(f.pts - target))  # nearest decoded frame
+
+    def _set_skip(self, mode: str) -> None:
+        if mode != self._skip:
+            self._container.streams.video[0].codec_context.skip_frame = mode
+            self._skip = mode
 
     def _next_frame(self):
         import av
@@ -231,9 +260,11 @@ class PyAVReader:
         if self._container is None:
             self._container = av.open(self._path)
             stream = self._container.streams.video[0]
-            stream.thread_count = self._threads
-            if not self._exact:
-                stream.codec_context.skip_frame = "NONREF"
+            stream.thread_count, stream.thread_type = self._threads, "AUTO"
+            if not self._exact:  # the coarse pass: no B-frames, no deblocking
+                stream.codec_context.options = {"skip_loop_filter": "all", "flags2": "+fast"}
+                stream.codec_context.skip_frame = "BIDIR"
+            self._skip = stream.codec_context.skip_frame
         stream = self._container.streams.video[0]
         try:
             self._container.seek(pts, stream=stream, backward=True, any_frame=False)

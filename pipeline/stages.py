@@ -9,9 +9,18 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .config import PipelineSpec
 from ._isolate import IsolatedDecoder
-from .decode import DecodeError, _first_line, choose_backend, decode_size, low_res_histograms, open_reader, probe, video_id
+from .config import PipelineSpec
+from .decode import (
+    DecodeError,
+    _first_line,
+    choose_backend,
+    decode_size,
+    low_res_histograms,
+    open_reader,
+    probe,
+    video_id,
+)
 from .segments import plan_segments, shot_boundaries
 from .writer import STREAM_SCHEMA
 
@@ -47,7 +56,8 @@ def decode_rows(uri: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]
                              min_segment_s=seg.min_segment_s, strategy=smp.strategy, frames=smp.frames,
                              target_fps=smp.target_fps, max_frames=smp.max_frames, seed=smp.seed, key=vid, cuts=cuts)
         size = decode_size(info, short_side)
-        backend = choose_backend(info, dec.backend, dec.exact)
+        needed = len(np.unique(np.concatenate([s.frame_indices for s in plan]))) / len(index.pts)
+        backend = choose_backend(info, dec.backend, dec.exact, needed)
         reader = _open(backend, uri, info, index, size, dec)
         try:
             for first in range(0, len(plan), dec.chunk_segments):
@@ -61,10 +71,11 @@ def decode_rows(uri: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]
                     reader.close()  # Decord failed mid-file: PyAV takes over from this chunk on
                     backend, reader = "pyav", _open("pyav", uri, info, index, size, dec)
                     frames = reader.read(needed)
+                times = (reader.served_pts - index.pts[0]) * index.time_base  # true times, also when inexact
                 for s in group:
+                    at = np.searchsorted(needed, s.frame_indices)
                     yield _row("segment", vid, uri, segment_id=s.segment_id, start_s=s.start_s, end_s=s.end_s,
-                               frame_times_s=s.frame_times_s, frames=frames[np.searchsorted(needed, s.frame_indices)],
-                               backend=backend)
+                               frame_times_s=times[at], frames=frames[at], backend=backend)
                     count += 1
         finally:
             reader.close()

@@ -30,7 +30,8 @@ def spec_of(archive, tiny_clip_dir, tmp_path):
 
     def build(**sections):
         body = {"decode": "{}", "segments": "{window_s: 1.0}", "sampling": "{frames: 4}", **sections}
-        head = f"input: {{paths: ['{archive}']}}\nmodel: {{pretrained: '{tiny_clip_dir}'}}\noutput: {{dir: '{tmp_path}'}}\n"
+        head = (f"input: {{paths: ['{archive}']}}\nmodel: {{pretrained: '{tiny_clip_dir}'}}\n"
+                f"output: {{dir: '{tmp_path}'}}\n")
         return parse_spec(head + "".join(f"{k}: {v}\n" for k, v in body.items()))
 
     return build
@@ -119,9 +120,10 @@ def test_sampling_strategies(h264, tmp_path, spec_of):
 
 
 def test_shot_boundaries_of_a_video_made_of_three_sources(tmp_path, spec_of):
+    scenes = [("red", "circle", "moving left", 2.0), ("blue", "square", "growing", 3.0),
+              ("yellow", "triangle", "moving up", 2.0)]
     parts = [render(Clip(c, s, m, width=96, height=64, duration_s=d, noise=20, seed=i))
-             for i, (c, s, m, d) in enumerate([("red", "circle", "moving left", 2.0), ("blue", "square", "growing", 3.0),
-                                                ("yellow", "triangle", "moving up", 2.0)])]
+             for i, (c, s, m, d) in enumerate(scenes)]
     parts[1] = (parts[1] * 0.5).astype(np.uint8)  # a darker scene
     path = write_video(tmp_path / "three.mp4", np.concatenate(parts), fps=25)
     spec = spec_of(segments="{mode: shots, window_s: 10.0}")
@@ -248,3 +250,25 @@ def test_decode_worker_memory_stays_flat_over_500_videos(tmp_path, spec_of):
         if i + 1 in (50, 250, 500):
             samples[i + 1] = rss()
     assert samples[500] <= samples[50] * 1.10, samples
+
+
+def test_long_videos_are_decoded_a_chunk_at_a_time(tmp_path, spec_of):
+    """Rows stream out as chunks decode: the memory held is set by decode.chunk_segments, not the video length."""
+    import tracemalloc
+
+    def peak(seconds: float) -> tuple[int, int]:
+        clip = Clip("red", "circle", "moving left", width=160, height=96, duration_s=seconds, fps=10)
+        path = write_video(tmp_path / f"long{seconds}.mp4", render(clip), fps=10)
+        spec = spec_of(decode="{chunk_segments: 4}", segments="{window_s: 1.0}", sampling="{frames: 4}")
+        tracemalloc.start()
+        rows = 0
+        for row in decode_rows(str(path), spec, 96):  # each row is dropped as soon as it is counted
+            rows += 1
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top, rows
+
+    short, n_short = peak(8.0)
+    long, n_long = peak(80.0)
+    assert (n_short, n_long) == (9, 81)
+    assert long < short * 1.5, (short, long)  # 10x the video, about the same peak

@@ -110,6 +110,8 @@ def test_decord_exactness_is_what_we_measured(encoded):
     trusted = choose_backend(info, "auto", exact=True) == "decord"
     assert not trusted or decord_exact  # auto never sends a file to Decord where it is wrong
     assert choose_backend(info, "auto", exact=True) == ("decord" if info.codec in DECORD_EXACT_CODECS else "pyav")
+    assert choose_backend(info, "auto", exact=True, needed_fraction=0.05) == "pyav"  # sparse: PyAV is faster
+    assert choose_backend(info, "auto", exact=False) == "pyav"
 
 
 @pytest.mark.parametrize("name", ["bigbuckbunny", "bikes"])

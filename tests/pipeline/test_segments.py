@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.segments import (frame_histograms, plan_segments, plan_spans, sample_fps, sample_uniform,
-                                shot_boundaries)
+from pipeline.segments import frame_histograms, plan_segments, plan_spans, sample_fps, sample_uniform, shot_boundaries
 
 W = dict(window_s=4, stride_s=4, min_segment_s=1)
 
