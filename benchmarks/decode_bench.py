@@ -43,7 +43,8 @@ def spec_for(video: str, model_dir: str, workload: str, exact: bool, threads: in
     segments = "{mode: whole}" if workload == "sparse" else "{mode: window, window_s: 4.0}"
     return parse_spec(f"input: {{paths: ['{video}']}}\nmodel: {{pretrained: '{model_dir}'}}\n"
                       f"output: {{dir: /tmp/unused}}\nsegments: {segments}\nsampling: {{frames: 8}}\n"
-                      f"decode: {{exact: {str(exact).lower()}, threads: {threads}, timeout_s: 600, backend: {backend}}}\n")
+                      f"decode: {{exact: {str(exact).lower()}, threads: {threads}, timeout_s: 600, "
+                      f"backend: {backend}}}\n")
 
 
 def run_reeltag(spec, video: str) -> tuple[float, int, int, float]:
@@ -139,8 +140,9 @@ def main() -> None:
             if t_ray is not None:
                 print(f"{name:<14} {workload:<7} {'ray read_videos (c)':<22} {t_ray:7.2f} {'':>8} "
                       f"{len(frames) / t_ray:9.1f}")
-            for how, exact, backend in (("reeltag exact (auto)", True, "auto"), ("reeltag exact, pyav", True, "pyav"),
-                                        ("reeltag exact, decord", True, "decord"), ("reeltag exact:false", False, "auto")):
+            variants = (("reeltag exact (auto)", True, "auto"), ("reeltag exact, pyav", True, "pyav"),
+                        ("reeltag exact, decord", True, "decord"), ("reeltag exact:false", False, "auto"))
+            for how, exact, backend in variants:
                 spec = spec_for(video, str(model), workload, exact, args.threads, backend)
                 t, n_seg, n_frames, err = run_reeltag(spec, video)
                 ray_ratio = f"{t_ray / t:7.2f}" if t_ray is not None else f"{'-':>7}"

@@ -3,11 +3,11 @@
 from ._registry import create_encoder, list_encoders, register_encoder
 from .models import AlignEncoder, ClipEncoder, ImageTextEncoder, ModelLoadError
 from .preprocess import PreprocessCfg, preprocess
-from .text import VocabularyError, label_embeddings, load_vocabulary, tag_probabilities, top_tags
+from .text import Vocabulary, VocabularyError, label_embeddings, load_vocabulary, tag_probabilities, top_tags
 from .tower import HierarchicalTower
 
 __all__ = [
     "AlignEncoder", "ClipEncoder", "HierarchicalTower", "ImageTextEncoder", "ModelLoadError", "PreprocessCfg",
-    "VocabularyError", "create_encoder", "label_embeddings", "list_encoders", "load_vocabulary", "preprocess",
-    "register_encoder", "tag_probabilities", "top_tags",
+    "Vocabulary", "VocabularyError", "create_encoder", "label_embeddings", "list_encoders", "load_vocabulary",
+    "preprocess", "register_encoder", "tag_probabilities", "top_tags",
 ]

@@ -1,7 +1,9 @@
-"""Florence-style hierarchical tower: the whole frame plus grids of tiles, one backbone call, fused.
+"""Florence-style hierarchical tower: the whole frame plus grids of tiles, one backbone pass, fused.
 
-Level 1 is the whole frame at the backbone's resolution R (the plain backbone, exactly); level 2 is a
-2x2 grid of R-sized tiles cut from the frame's centre square at 2R; level 3 a 4x4 grid at 4R.
+Level 1 is the whole frame at the backbone's resolution R (exactly the plain backbone); level 2 is a 2x2 grid
+of slightly overlapping R-sized tiles cut from the frame's centre square at about 2R; level 3 a 4x4 grid at
+about 4R. Tiles let a small or off-centre action fill a backbone input. ``fine_frames`` limits the levels >= 2
+to some frames of a segment, since they cost 4x and 16x the whole frame.
 """
 
 from __future__ import annotations
@@ -14,48 +16,100 @@ from torch import nn
 from .preprocess import center_crop, normalise, preprocess, resize_short_side
 
 
-def level_boxes(level: int, height: int, width: int) -> torch.Tensor:
-    """Normalised xyxy boxes ``[g*g, 4]`` of a level's views on a ``height x width`` frame, row-major."""
+def _grid(level: int, overlap: float) -> tuple[int, float]:
+    """(tiles per side, square side in tile units): tiles overlap by ``overlap`` of a tile."""
     g = 2 ** (level - 1)
+    return g, g - (g - 1) * overlap
+
+
+def level_boxes(level: int, height: int, width: int, overlap: float = 0.0) -> torch.Tensor:
+    """Normalised xyxy boxes ``[g*g, 4]`` of a level's views on a ``height x width`` frame, row-major."""
+    g, span = _grid(level, overlap)
     side = min(height, width)
     x0, y0 = (width - side) / 2 / width, (height - side) / 2 / height
-    sx, sy = side / width / g, side / height / g
-    return torch.tensor([[x0 + j * sx, y0 + i * sy, x0 + (j + 1) * sx, y0 + (i + 1) * sy]
+    tile_x, tile_y = side / width / span, side / height / span  # one tile, in frame units
+    step_x, step_y = tile_x * (1 - overlap), tile_y * (1 - overlap)
+    return torch.tensor([[x0 + j * step_x, y0 + i * step_y, x0 + j * step_x + tile_x, y0 + i * step_y + tile_y]
                          for i in range(g) for j in range(g)])
 
 
-class HierarchicalTower(nn.Module):
-    """Frames ``[N,H,W,3]`` uint8 -> fused frame embeddings ``[N,D]`` and region embeddings ``[N,V,D]``."""
+class ViewAttention(nn.Module):
+    """Fuses a frame's views with the global view as the query; a zero-initialised residual on the global view,
+    so an untrained fusion is exactly ``global``."""
 
-    def __init__(self, encoder, *, levels: tuple[int, ...] = (1,), fusion: str = "global", batch_size: int = 8):
+    def __init__(self, dim: int, *, heads: int = 4):
+        super().__init__()
+        self.level_embed = nn.Parameter(torch.zeros(4, dim))  # indexed by level id 1..3
+        self.attn = nn.MultiheadAttention(dim, heads if dim % heads == 0 else 1, batch_first=True)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, regions: torch.Tensor, level_ids: torch.Tensor) -> torch.Tensor:
+        """``[F,V,D]`` normalised views (global first) + level ids ``[V]`` -> ``[F,D]`` normalised."""
+        keys = regions + self.level_embed[level_ids]
+        attended, _ = self.attn(regions[:, :1], keys, keys, need_weights=False)
+        return F.normalize(regions[:, 0] + self.out(attended[:, 0]), dim=-1)
+
+
+class HierarchicalTower(nn.Module):
+    """Frames ``[N,H,W,3]`` uint8 -> fused frame embeddings ``[N,D]`` and, for the fine frames, region
+    embeddings ``[F,V,D]`` with their boxes ``[V,4]``."""
+
+    def __init__(self, encoder, *, levels: tuple[int, ...] = (1,), fusion: str = "global", batch_size: int = 8,
+                 fine_frames: str | int = "all", overlap: float = 0.125):
         super().__init__()
         self.encoder, self.levels, self.fusion, self.batch_size = encoder, tuple(levels), fusion, batch_size
+        self.fine_frames, self.overlap = fine_frames, overlap
+        self.fuse = ViewAttention(encoder.embed_dim) if fusion == "attention" else None
 
-    def views(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> pixels ``[N,V,3,R,R]``, boxes ``[V,4]`` (normalised xyxy), level id per view ``[V]``."""
+    def fine_index(self, n: int) -> torch.Tensor:
+        """Which of ``n`` frames get levels >= 2: all, the middle one, or ``k`` spread evenly."""
+        if self.fine_frames == "all" or self.levels == (1,):
+            return torch.arange(n)
+        k = 1 if self.fine_frames == "middle" else min(int(self.fine_frames), n)
+        return ((torch.arange(k) + 0.5) * n / k).long()
+
+    def tile_views(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Levels >= 2 -> pixels ``[N,V',3,R,R]``, boxes ``[V',4]``, level ids ``[V']`` (V' may be 0)."""
         cfg = self.encoder.preprocess_cfg
         r = cfg.resolution
         views, boxes, level_ids = [], [], []
-        for level in self.levels:
-            if level == 1:
-                views.append(preprocess(frames, cfg)[:, None])
-            else:
-                g = 2 ** (level - 1)
-                x = rearrange(frames, "n h w c -> n c h w").float()
-                x = center_crop(resize_short_side(x, g * r), g * r, g * r).clamp_(0, 255).round_()
-                tiles = rearrange(x, "n c (gy r1) (gx r2) -> n (gy gx) c r1 r2", gy=g, gx=g)
-                views.append(rearrange(normalise(rearrange(tiles, "n v c h w -> (n v) c h w"), cfg),
-                                       "(n v) c h w -> n v c h w", v=g * g))
-            boxes.append(level_boxes(level, frames.shape[1], frames.shape[2]))
-            level_ids += [level] * boxes[-1].shape[0]
+        for level in (lv for lv in self.levels if lv > 1):
+            g, span = _grid(level, self.overlap)
+            side, step = round(span * r), round((1 - self.overlap) * r)
+            x = rearrange(frames, "n h w c -> n c h w").float()
+            x = center_crop(resize_short_side(x, side), side, side).clamp_(0, 255).round_()
+            tiles = torch.stack([x[..., i * step:i * step + r, j * step:j * step + r]
+                                 for i in range(g) for j in range(g)], dim=1)  # [N, g*g, 3, R, R]
+            views.append(rearrange(normalise(rearrange(tiles, "n v c h w -> (n v) c h w"), cfg),
+                                   "(n v) c h w -> n v c h w", v=g * g))
+            boxes.append(level_boxes(level, frames.shape[1], frames.shape[2], self.overlap))
+            level_ids += [level] * g * g
+        if not views:
+            return frames.new_zeros((len(frames), 0, 3, r, r), dtype=torch.float32), torch.zeros(0, 4), \
+                torch.zeros(0, dtype=torch.long)
         return torch.cat(views, dim=1), torch.cat(boxes), torch.tensor(level_ids)
 
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> fused ``[N,D]``, regions ``[N,V,D]`` (both L2-normalised), boxes ``[V,4]``."""
-        pixels, boxes, _ = self.views(frames)
-        n = pixels.shape[0]
-        flat = rearrange(pixels, "n v c h w -> (n v) c h w")
-        emb = torch.cat([self.encoder.forward_features(chunk) for chunk in flat.split(self.batch_size)])
-        regions = F.normalize(rearrange(emb, "(n v) d -> n v d", n=n), dim=-1)
-        fused = regions[:, 0] if self.fusion == "global" else F.normalize(regions.mean(1), dim=-1)
-        return fused, regions, boxes
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[M,3,R,R]`` -> ``[M,D]`` normalised, ``batch_size`` images per backbone call."""
+        return F.normalize(torch.cat([self.encoder.forward_features(c) for c in pixels.split(self.batch_size)]), dim=-1)
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> fused ``[N,D]``, regions ``[F,V,D]`` (global view first), boxes ``[V,4]``, fine frame index ``[F]``."""
+        n, cfg = len(frames), self.encoder.preprocess_cfg
+        whole = self._embed(preprocess(frames, cfg))  # level 1: the plain backbone, exactly
+        whole_box = level_boxes(1, frames.shape[1], frames.shape[2])
+        fine = self.fine_index(n)
+        tiles, boxes, level_ids = self.tile_views(frames[fine])
+        if tiles.shape[1] == 0:
+            return whole, whole[fine, None], whole_box, fine
+        emb = rearrange(self._embed(rearrange(tiles, "f v c h w -> (f v) c h w")), "(f v) d -> f v d", f=len(fine))
+        regions = torch.cat([whole[fine, None], emb], dim=1)  # [F, 1+V', D]
+        level_ids = torch.cat([torch.ones(1, dtype=torch.long), level_ids])
+        fused = whole.clone()
+        if self.fusion == "mean":
+            fused[fine] = F.normalize(regions.mean(1), dim=-1)
+        elif self.fusion == "attention":
+            fused[fine] = self.fuse(regions, level_ids)
+        return fused, regions, torch.cat([whole_box, boxes]), fine

@@ -41,6 +41,7 @@ def _check(fn, message: str) -> dict:
 _POSITIVE = _check(lambda v: v > 0, "must be > 0, got {got}")
 _NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0, got {got}")
 _FRACTION = _check(lambda v: 0 < v < 1, "must be between 0 and 1, got {got}")
+_OVERLAP = _check(lambda v: 0 <= v < 0.5, "must be in [0, 0.5), got {got}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,9 @@ class SamplingSpec:
 @dataclass(frozen=True)
 class TowerSpec:
     levels: tuple[int, ...] = (1,)  # pyramid levels: 1 whole frame, 2 a 2x2 grid of tiles, 3 a 4x4 grid
-    fusion: Literal["global", "mean"] = "global"  # global: level-1 embedding; mean: mean over all views
+    fusion: Literal["global", "mean", "attention"] = "global"  # global: level 1; mean: all views; attention: learned
+    fine_frames: int | str = "all"  # frames of a segment that get levels >= 2: all, middle, or a count k
+    tile_overlap: float = field(default=0.125, metadata=_OVERLAP)  # fraction of a tile shared with its neighbour
 
     def __post_init__(self):
         if not self.levels or 1 not in self.levels or any(lv not in (1, 2, 3) for lv in self.levels):
@@ -91,6 +94,8 @@ class TowerSpec:
             raise _FieldProblem("levels", f"must not repeat a level, got {list(self.levels)}")
         if self.fusion == "global" and self.levels != (1,):
             raise _FieldProblem("fusion", "'global' uses level 1 only; set tower.levels: [1] or fusion: mean")
+        if not (self.fine_frames in ("all", "middle") or (isinstance(self.fine_frames, int) and self.fine_frames > 0)):
+            raise _FieldProblem("fine_frames", f"must be all, middle or a positive count, got {self.fine_frames!r}")
 
 
 @dataclass(frozen=True)
@@ -369,8 +374,8 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any, str]:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return True, None, ""
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value)
+        results = [_convert(a, value) for a in args if a is not type(None)]
+        return next((r for r in results if r[0]), results[0])
     if origin is Literal:
         if value in args and not isinstance(value, bool):
             return True, value, ""

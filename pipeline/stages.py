@@ -128,7 +128,7 @@ class DecodeStage:
 
 
 class EncodeStage:
-    """N segment rows -> N rows with a segment embedding and tags (``end`` rows pass through)."""
+    """N segment rows -> N rows with a segment embedding, tags and region tags (``end`` rows pass through)."""
 
     resources = Resources(cpus=1.0)
     batch_size = 4  # segments per call
@@ -138,19 +138,25 @@ class EncodeStage:
 
     def setup(self) -> None:
         import torch
+        import torch.nn.functional as F
 
-        from encoders import HierarchicalTower, create_encoder, label_embeddings, load_vocabulary
+        from encoders import HierarchicalTower, create_encoder, label_embeddings, load_vocabulary, preprocess
+        from encoders.text import calibrate, null_images
         from temporal import build_pooler
 
         torch.set_num_threads(self.spec.ray.threads_per_actor)
-        m = self.spec.model
+        m, t = self.spec.model, self.spec.tower
         self.encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only,
                                       dtype=m.dtype, device=m.device)
-        self.tower = HierarchicalTower(self.encoder, levels=self.spec.tower.levels, fusion=self.spec.tower.fusion,
-                                       batch_size=m.batch_size)
+        self.tower = HierarchicalTower(self.encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
+                                       fine_frames=t.fine_frames, overlap=t.tile_overlap)
         self.pooler = build_pooler(self.spec.temporal.pooling, self.encoder.embed_dim)
-        self.labels = load_vocabulary(self.spec.tags.vocabulary) if self.spec.tags.vocabulary else []
-        self.label_emb = label_embeddings(self.encoder, self.labels, self.spec.tags.prompts) if self.labels else None
+        self.vocab = load_vocabulary(self.spec.tags.vocabulary) if self.spec.tags.vocabulary else None
+        if self.vocab is not None:
+            self.label_emb = label_embeddings(self.encoder, self.vocab, self.spec.tags.prompts)
+            reference = null_images(self.encoder.preprocess_cfg.resolution)
+            self.calibration = calibrate(F.normalize(self.encoder.forward_features(
+                preprocess(reference, self.encoder.preprocess_cfg)), dim=-1), self.label_emb)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = []
@@ -164,22 +170,39 @@ class EncodeStage:
     def _encode(self, frames: np.ndarray, times_s: np.ndarray) -> dict:
         import torch
 
-        from encoders import tag_probabilities, top_tags
-        from temporal import mean_pool
-
         try:
             with torch.inference_mode():
-                fused, _, _ = self.tower(torch.from_numpy(np.ascontiguousarray(frames)))
-                x = fused[None]  # [1, T, D]
-                if self.pooler is None:
-                    emb = mean_pool(x)
-                else:
-                    emb = self.pooler(x, torch.as_tensor(times_s, dtype=torch.float32)[None])
-                tags = top_tags(tag_probabilities(emb, self.label_emb, self.encoder.logit_scale), self.labels,
-                                self.spec.tags.top_k)[0] if self.labels else []
+                fused, regions, boxes, _ = self.tower(torch.from_numpy(np.ascontiguousarray(frames)))
+                emb = self.pool(fused[None], torch.as_tensor(times_s, dtype=torch.float32)[None])  # [1, D]
+                tags, region_tags = self.tag(emb), self.tag_regions(regions, boxes)
         except Exception as e:  # noqa: BLE001 - a segment that cannot be encoded is recorded, not fatal
             return {"stage": "encode", "error_type": type(e).__name__, "message": _first_line(e)}
-        return {"embedding": emb[0].numpy().astype(np.float32), "tags": tags}
+        return {"embedding": emb[0].numpy().astype(np.float32), "tags": tags[0] if tags else [],
+                "region_tags": region_tags}
+
+    def pool(self, frames, times_s):
+        """``[B,T,D]`` frame embeddings -> ``[B,D]`` segment embeddings."""
+        from temporal import mean_pool
+
+        return mean_pool(frames) if self.pooler is None else self.pooler(frames, times_s)
+
+    def tag(self, emb) -> list[list[dict]]:
+        from encoders import tag_probabilities, top_tags
+
+        if self.vocab is None:
+            return []
+        probs = tag_probabilities(emb, self.label_emb, self.encoder.logit_scale)
+        return top_tags(probs, self.vocab.labels, self.spec.tags.top_k, self.calibration(emb @ self.label_emb.T))
+
+    def tag_regions(self, regions, boxes) -> list[dict]:
+        """Best label of each tile (levels >= 2), from its embedding averaged over the fine frames."""
+        import torch.nn.functional as F
+
+        if self.vocab is None or regions.shape[1] < 2:
+            return []
+        tiles = F.normalize(regions[:, 1:].mean(0), dim=-1)  # [V', D]
+        best = self.tag(tiles)
+        return [{**b[0], "box": [float(x) for x in box]} for b, box in zip(best, boxes[1:])]
 
 
 def run_sequential(spec: PipelineSpec, uris: Iterable[str], *, short_side: int) -> pa.Table:

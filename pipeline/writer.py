@@ -17,7 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-TAG = pa.struct([("label", pa.string()), ("score", pa.float32())])
+# score: softmax probability over the vocabulary; confidence: calibrated, comparable across labels and videos
+TAG = pa.struct([("label", pa.string()), ("score", pa.float32()), ("confidence", pa.float32())])
+REGION_TAG = pa.struct([("label", pa.string()), ("score", pa.float32()), ("confidence", pa.float32()),
+                        ("box", pa.list_(pa.float32()))])  # box: normalised x0, y0, x1, y1 of the tile
 
 # What the encode stage hands to the writer, one row per segment plus one "end" row per video.
 STREAM_SCHEMA = pa.schema([
@@ -31,6 +34,7 @@ STREAM_SCHEMA = pa.schema([
     ("frame_times_s", pa.list_(pa.float64())),
     ("embedding", pa.list_(pa.float32())),
     ("tags", pa.list_(TAG)),
+    ("region_tags", pa.list_(REGION_TAG)),
     ("backend", pa.string()),
     ("stage", pa.string()),  # where it failed: decode, encode; empty when it did not
     ("error_type", pa.string()),
@@ -46,6 +50,7 @@ SEGMENTS_SCHEMA = pa.schema([
     ("frame_times_s", pa.list_(pa.float64())),
     ("embedding", pa.list_(pa.float32())),  # L2-normalised, in the model's joint text-video space
     ("tags", pa.list_(TAG)),  # best first
+    ("region_tags", pa.list_(REGION_TAG)),  # best label of each tile (tower levels >= 2), empty otherwise
     ("backend", pa.string()),  # decoder that served the video
     ("model", pa.string()),
     ("config_hash", pa.string()),

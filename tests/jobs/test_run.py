@@ -78,9 +78,10 @@ def test_run_writes_tagged_segments_and_errors_and_reruns_without_duplicates(con
     assert summary["model"].startswith("clip:") and len(summary["config_hash"]) == 16 and summary["wall_s"] > 0
 
     shard = pq.read_table(next((out / "segments").glob("*.parquet")))
-    assert shard.schema.names[:9] == ["video_id", "uri", "segment_id", "start_s", "end_s", "frame_times_s",
-                                      "embedding", "tags", "backend"]
-    assert shard.schema.field("tags").type.value_type == pa.struct([("label", pa.string()), ("score", pa.float32())])
+    assert shard.schema.names == ["video_id", "uri", "segment_id", "start_s", "end_s", "frame_times_s", "embedding",
+                                  "tags", "region_tags", "backend", "model", "config_hash"]
+    assert shard.schema.field("tags").type.value_type == pa.struct([("label", pa.string()), ("score", pa.float32()),
+                                                                    ("confidence", pa.float32())])
     assert shard.schema.field("embedding").type.value_type == pa.float32()
 
     segments = read_table(out, "segments").to_pylist()
@@ -93,6 +94,7 @@ def test_run_writes_tagged_segments_and_errors_and_reruns_without_duplicates(con
     for r in segments:
         scores = [t["score"] for t in r["tags"]]
         assert len(scores) == 3 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-6
+        assert all(0 <= t["confidence"] <= 1 for t in r["tags"]) and r["region_tags"] == []
         assert len(r["frame_times_s"]) == 4 and r["start_s"] <= min(r["frame_times_s"]) < r["end_s"]
 
     (error,) = read_table(out, "errors").to_pylist()

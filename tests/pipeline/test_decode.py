@@ -262,7 +262,7 @@ def test_long_videos_are_decoded_a_chunk_at_a_time(tmp_path, spec_of):
         spec = spec_of(decode="{chunk_segments: 4}", segments="{window_s: 1.0}", sampling="{frames: 4}")
         tracemalloc.start()
         rows = 0
-        for row in decode_rows(str(path), spec, 96):  # each row is dropped as soon as it is counted
+        for _ in decode_rows(str(path), spec, 96):  # each row is dropped as soon as it is counted
             rows += 1
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
