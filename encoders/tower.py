@@ -98,13 +98,14 @@ class HierarchicalTower(nn.Module):
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> fused ``[N,D]``, regions ``[F,V,D]`` (global view first), boxes ``[V,4]``, fine frame index ``[F]``."""
         n, cfg = len(frames), self.encoder.preprocess_cfg
-        whole = self._embed(preprocess(frames, cfg))  # level 1: the plain backbone, exactly
         whole_box = level_boxes(1, frames.shape[1], frames.shape[2])
         fine = self.fine_index(n)
         tiles, boxes, level_ids = self.tile_views(frames[fine])
+        # every view of the segment in one backbone pass: whole frames first, then the tiles of the fine frames
+        emb = self._embed(torch.cat([preprocess(frames, cfg), rearrange(tiles, "f v c h w -> (f v) c h w")]))
+        whole, emb = emb[:n], rearrange(emb[n:], "(f v) d -> f v d", f=len(fine))
         if tiles.shape[1] == 0:
             return whole, whole[fine, None], whole_box, fine
-        emb = rearrange(self._embed(rearrange(tiles, "f v c h w -> (f v) c h w")), "(f v) d -> f v d", f=len(fine))
         regions = torch.cat([whole[fine, None], emb], dim=1)  # [F, 1+V', D]
         level_ids = torch.cat([torch.ones(1, dtype=torch.long), level_ids])
         fused = whole.clone()

@@ -71,7 +71,8 @@ def test_tiles_are_the_pixels_of_their_boxes(encoder):
 def test_boxes_cover_the_centre_square(overlap):
     for level in (1, 2, 3):
         boxes = level_boxes(level, 90, 160, overlap)
-        assert boxes[:, 0].min().item() == pytest.approx(35 / 160) and boxes[:, 2].max().item() == pytest.approx(125 / 160)
+        assert boxes[:, 0].min().item() == pytest.approx(35 / 160)
+        assert boxes[:, 2].max().item() == pytest.approx(125 / 160)
         assert boxes[:, 1].min().item() == pytest.approx(0.0) and boxes[:, 3].max().item() == pytest.approx(1.0)
         widths = boxes[:, 2] - boxes[:, 0]
         assert torch.allclose(widths, widths[0].expand_as(widths))

@@ -1,0 +1,110 @@
+"""Encoder throughput against the same-dtype torch.mm peak measured in the same run (run by hand).
+
+    python benchmarks/encoder_bench.py [--images 48]
+
+CLIP ViT-B/32 at 224 (the real architecture, random weights: nothing to download): images/s and achieved
+GFLOP/s as a fraction of the measured ``torch.mm`` peak of the same dtype and thread count, at batch 1/8/32 and
+1/2 threads, for fp32 and bf16 (``model.dtype: auto`` picks bf16 on CPUs with AVX512_BF16 or AMX); text
+prompts/s; and the hierarchical tower's cost on an 8-frame segment for levels [1], [1,2] and [1,2] with
+``fine_frames: middle`` relative to [1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from encoders import ClipEncoder, HierarchicalTower, PreprocessCfg  # noqa: E402
+from encoders.models import resolve_dtype  # noqa: E402
+
+
+def mm_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """GFLOP/s of a square matmul, the best of several runs."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best, end = 0.0, time.perf_counter() + seconds
+    torch.mm(a, b)
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def image_flops(model, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.get_image_features(pixel_values=torch.randn(batch, 3, 224, 224, dtype=model.dtype))
+    return counter.get_total_flops()
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (oneDNN picks kernels on first use)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48, help="images per measurement")
+    args = parser.parse_args()
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from encoders._tiny import _clip_bpe_files
+
+    torch.manual_seed(0)
+    base = CLIPModel(CLIPConfig()).eval()  # ViT-B/32 at 224, text 12 x 512
+    auto = resolve_dtype("auto", torch.device("cpu"))
+    print(f"dtype auto on this CPU: {auto}; torch {torch.__version__}")
+    print(f"{'dtype':<9} {'thr':>3} {'batch':>5} {'img/s':>7} {'GFLOP/s':>8} {'mm peak':>8} {'of peak':>7}")
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = base.to(dtype)
+        per_image = image_flops(model, 1)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            peak = mm_peak(dtype)
+            for batch in (1, 8, 32):
+                pixels = torch.randn(batch, 3, 224, 224, dtype=dtype)
+                repeats = max(1, args.images // batch)
+                with torch.inference_mode():
+                    sec = timed(lambda: model.get_image_features(pixel_values=pixels), repeats)
+                rate = batch / sec
+                achieved = rate * per_image / 1e9
+                results[(dtype, threads, batch)] = achieved / peak
+                print(f"{str(dtype).split('.')[-1]:<9} {threads:>3} {batch:>5} {rate:7.1f} {achieved:8.0f} "
+                      f"{peak:8.0f} {achieved / peak:7.0%}")
+    print(f"target: backbone at batch 8 with the auto dtype >= 70% of that dtype's mm peak: "
+          f"{results[(auto, 1, 8)]:.0%} (1 thread), {results[(auto, 2, 8)]:.0%} (2 threads)")
+
+    torch.set_num_threads(1)
+    model = base.to(auto)
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer(*map(str, _clip_bpe_files(("person", "opening", "car", "door"), Path(tmp))))
+    cfg = PreprocessCfg(short_side=224, size=None, crop=(224, 224), mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
+    encoder = ClipEncoder(model, tokenizer, cfg, name="bench-b32")
+    prompts = [f"a video of a person opening a car door number {i}" for i in range(64)]
+    sec = timed(lambda: encoder.encode_text(prompts), 3)
+    print(f"text: {len(prompts) / sec:.0f} prompts/s (batch 64, 1 thread, {auto})")
+
+    frames = torch.randint(0, 256, (8, 224, 398, 3), dtype=torch.uint8)  # an 8-frame 16:9 segment
+    costs = {}
+    for name, kwargs in (("[1]", dict(levels=(1,))), ("[1,2]", dict(levels=(1, 2), fusion="mean")),
+                         ("[1,2] middle", dict(levels=(1, 2), fusion="mean", fine_frames="middle"))):
+        tower = HierarchicalTower(encoder, batch_size=8, **kwargs)
+        with torch.inference_mode():
+            costs[name] = timed(lambda t=tower: t(frames), 2)
+    print("tower on an 8-frame segment: " + ", ".join(f"{k} {v:.2f} s ({v / costs['[1]']:.2f}x)"
+                                                      for k, v in costs.items()))
+
+
+if __name__ == "__main__":
+    main()
