@@ -76,7 +76,7 @@ def main() -> None:
                 pixels = torch.randn(batch, 3, 224, 224, dtype=dtype)
                 repeats = max(1, args.images // batch)
                 with torch.inference_mode():
-                    sec = timed(lambda: model.get_image_features(pixel_values=pixels), repeats)
+                    sec = timed(lambda m=model, p=pixels: m.get_image_features(pixel_values=p), repeats)
                 rate = batch / sec
                 achieved = rate * per_image / 1e9
                 results[(dtype, threads, batch)] = achieved / peak
