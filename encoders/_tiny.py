@@ -95,11 +95,13 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def save_tiny(directory: str | Path, *, family: str = "clip", seed: int = 0, words: tuple[str, ...] = ()) -> Path:
-    """Build a tiny random checkpoint of ``family`` and ``save_pretrained`` it (weights as safetensors)."""
+def save_tiny(directory: str | Path, *, family: str = "clip", seed: int = 0, words: tuple[str, ...] = (),
+              **sizes) -> Path:
+    """Build a tiny random checkpoint of ``family`` and ``save_pretrained`` it (weights as safetensors);
+    ``sizes`` go to the builder (e.g. ``width``, ``embed_dim``, ``image_size``)."""
     _quiet_transformers()
     build = {"clip": build_tiny_clip, "align": build_tiny_align}[family]
-    model, tokenizer, processor = build(seed=seed, words=words)
+    model, tokenizer, processor = build(seed=seed, words=words, **sizes)
     directory = Path(directory)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config(sub.add_parser("validate", help="check a pipeline definition; print a one-line summary"))
     _add_config(sub.add_parser("run", help="run a pipeline as a Ray batch job"))
+    _add_config(sub.add_parser("train", help="train the temporal head on train.manifest (resumes if interrupted)"))
+    _add_config(sub.add_parser("eval", help="evaluate on train.eval_manifest: R@1/5/10, median rank, top-1, mAP"))
     demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
     demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
     return parser
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(summary_line(spec))
             return 0
+        if args.command in ("train", "eval"):
+            return _train_or_eval(args.command, spec)
         return _run(spec)
     except ConfigError as e:
         print(f"reeltag: invalid pipeline definition:\n{e}", file=sys.stderr)
@@ -66,6 +70,33 @@ def _run(spec: PipelineSpec) -> int:
         print(f"reeltag: the job could not run: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))
+    return 0
+
+
+def _train_or_eval(command: str, spec: PipelineSpec) -> int:
+    from encoders import ModelLoadError
+    from pipeline.manifest import ManifestError
+
+    from .train import TrainError, format_metrics, run_eval, run_train
+
+    try:
+        result = run_train(spec) if command == "train" else run_eval(spec)
+    except (ManifestError, TrainError) as e:
+        print(f"reeltag {command}: {e}", file=sys.stderr)
+        return 2
+    except ModelLoadError as e:
+        print(f"reeltag {command}: the job could not run: {e}", file=sys.stderr)
+        return 1
+    if command == "train":
+        print(f"reeltag train: {result['clips']} clips, {result['epochs']} epochs in {result['seconds']} s; "
+              f"head saved to {result['checkpoint']}\n  use it with: --set temporal.pooling=attention "
+              f"--set temporal.checkpoint={result['checkpoint']}")
+        print("training clips:\n" + format_metrics(result["train"]))
+        if "eval" in result:
+            print("held-out clips:\n" + format_metrics(result["eval"]))
+    else:
+        print(f"reeltag eval ({result['pooling']} pooling):\n" + format_metrics(result) +
+              f"\n  written to {spec.output.dir}/eval.json")
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.config import PipelineSpec
 from pipeline.decode import video_id
 from pipeline.stages import DecodeStage, EncodeStage
-from pipeline.writer import OutputWriter
+from pipeline.writer import OutputWriter, write_actions
 
 from ._ray import ray_session
 
@@ -109,6 +109,9 @@ def run_pipeline(spec: PipelineSpec) -> dict:
                     progress.update(done, writer.segments)
         writer.flush()
     progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
+    actions = None
+    if spec.segments.localize and spec.tags.vocabulary:
+        actions = write_actions(out, config_hash=config_hash, threshold=spec.tags.threshold)
     wall = time.time() - started
     summary = {
         "videos_total": len(videos), "videos_skipped": len(videos) - len(todo), "videos_ok": writer.videos_ok,
@@ -118,6 +121,9 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         "config_hash": config_hash, "model": model,
         "outputs": {"segments": str(out / "segments"), "errors": str(out / "errors")},
     }
+    if actions is not None:
+        summary["actions"] = actions
+        summary["outputs"]["actions"] = str(out / "actions")
     tmp = out / ".run.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "run.json")

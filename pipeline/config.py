@@ -69,6 +69,14 @@ class SegmentsSpec:
     min_segment_s: float = field(default=1.0, metadata=_NON_NEGATIVE)  # last partial window kept if at least this long
     shot_threshold: float = field(default=0.35, metadata=_FRACTION)  # shots: cut where histograms differ more (0..1)
     min_shot_s: float = field(default=1.0, metadata=_NON_NEGATIVE)  # shots: no cut closer than this to the previous
+    localize: bool = False  # window mode: windows at every scale of scales_s, merged into actions with true extents
+    scales_s: tuple[float, ...] = (2.0, 4.0, 8.0)  # localize: window lengths, seconds (stride: half a window)
+
+    def __post_init__(self):
+        if self.localize and self.mode != "window":
+            raise _FieldProblem("localize", "needs segments.mode: window")
+        if not self.scales_s or any(v <= 0 for v in self.scales_s):
+            raise _FieldProblem("scales_s", f"must be a list of positive seconds, got {list(self.scales_s)}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,34 @@ class ModelSpec:
 @dataclass(frozen=True)
 class TemporalSpec:
     pooling: Literal["mean", "attention"] = "mean"  # how frame embeddings become one segment embedding
+    checkpoint: str | None = None  # a head trained by `reeltag train` (its directory); attention pooling only
+
+    def __post_init__(self):
+        if self.checkpoint is not None:
+            if not os.path.isfile(os.path.join(self.checkpoint, "head.safetensors")):
+                raise _FieldProblem("checkpoint", f"no head.safetensors in {self.checkpoint}")
+            if self.pooling != "attention":
+                raise _FieldProblem("checkpoint", "a trained head needs temporal.pooling: attention")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    manifest: str | None = None  # labelled clips for `reeltag train` (.jsonl/.csv: uri, start_s, end_s, caption|label)
+    eval_manifest: str | None = None  # held-out labelled clips for validation and `reeltag eval`
+    loss: Literal["clip", "align"] = "clip"  # clip: symmetric InfoNCE; align: with label smoothing 0.1
+    epochs: int = field(default=30, metadata=_POSITIVE)  # passes over the training clips
+    batch_size: int = field(default=64, metadata=_POSITIVE)  # clips per step
+    lr: float = field(default=1e-3, metadata=_POSITIVE)  # AdamW learning rate
+    weight_decay: float = field(default=0.01, metadata=_NON_NEGATIVE)  # AdamW weight decay
+    seed: int = 0  # initialisation and shuffling
+    heads: int = field(default=4, metadata=_POSITIVE)  # attention heads of the temporal head
+    layers: int = field(default=1, metadata=_POSITIVE)  # transformer blocks of the temporal head
+
+    def __post_init__(self):
+        for key in ("manifest", "eval_manifest"):
+            value = getattr(self, key)
+            if value is not None and not os.path.isfile(value):
+                raise _FieldProblem(key, f"file not found: {value}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +161,7 @@ class TagsSpec:
     vocabulary: str | None = None  # label file, one label per line ('#' comments); null: embeddings only
     prompts: tuple[str, ...] = ("a video of {}.",)  # prompt templates, each with one {} for the label
     top_k: int = field(default=5, metadata=_POSITIVE)  # tags kept per segment, best first
+    threshold: float = field(default=0.5, metadata=_FRACTION)  # localize: confidence at which a window is an action
 
     def __post_init__(self):
         if self.vocabulary is not None and not os.path.isfile(self.vocabulary):
@@ -172,6 +209,7 @@ class PipelineSpec:
     tags: TagsSpec
     output: OutputSpec
     ray: RaySpec
+    train: TrainSpec
 
     def __post_init__(self):
         if not self.input.paths:
@@ -189,6 +227,9 @@ class PipelineSpec:
         """Hash of everything that changes a segment row; input, output and Ray placement do not."""
         parts = {k: dataclasses.asdict(getattr(self, k)) for k in ("decode", "segments", "sampling", "tower", "model",
                                                                      "temporal", "tags")}
+        if self.temporal.checkpoint:  # a retrained head changes the embeddings: hash its weights, not its path
+            parts["temporal"]["checkpoint"] = hashlib.sha256(
+                Path(self.temporal.checkpoint, "head.safetensors").read_bytes()).hexdigest()
         parts["model"].pop("batch_size")
         parts["decode"].pop("threads")
         if self.tags.vocabulary:

@@ -306,3 +306,30 @@ def low_res_histograms(path: str, index: FrameIndex, *, threads: int = 1, side: 
         except av.error.FFmpegError:
             pass  # damage: cut detection uses the frames before it; reading them reports the damage
     return np.stack(hists[:len(index.pts)]) if hists else np.zeros((0, 48))
+
+
+def decode_span(path: str, start_s: float, end_s: float | None, frames: int, short_side: int, *,
+                backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """``frames`` frames spread uniformly over ``[start_s, end_s)`` of one video (a labelled clip): uint8
+    ``[T,H,W,3]`` and their times in seconds from the video's first frame."""
+    from .segments import sample_uniform
+
+    info, index = probe(path)
+    times = index.times_s
+    wanted = sample_uniform(times, start_s, index.end_s if end_s is None else min(end_s, index.end_s), frames)
+    needed = np.unique(wanted)
+    size = decode_size(info, short_side)
+    chosen = choose_backend(info, backend, True, len(needed) / len(times))
+    for name in dict.fromkeys([chosen, "pyav"] if backend == "auto" else [chosen]):
+        try:
+            reader = open_reader(name, path, info, index, size)
+            try:
+                out = reader.read(needed)
+            finally:
+                reader.close()
+            break
+        except DecodeError:
+            if name == "pyav" or backend != "auto":
+                raise
+    at = np.searchsorted(needed, wanted)
+    return out[at], times[needed][at]

@@ -58,10 +58,15 @@ def frame_histograms(frames: np.ndarray, bins: int = 16) -> np.ndarray:
 
 
 def plan_spans(end_s: float, *, mode: str, window_s: float, stride_s: float, min_segment_s: float,
-               cuts: list[float] = ()) -> list[tuple[float, float]]:
-    """``whole``: one span; ``window``: windows over the video; ``shots``: shots, long ones split into windows."""
+               cuts: list[float] = (), scales_s: tuple[float, ...] = ()) -> list[tuple[float, float]]:
+    """``whole``: one span; ``window``: windows over the video (at every scale of ``scales_s`` with half-window
+    strides, when given: for localisation); ``shots``: shots, long ones split into windows."""
     if mode == "whole":
         return [(0.0, end_s)]
+    if mode == "window" and scales_s:
+        from temporal.localize import multiscale_windows
+
+        return [(a, b) for a, b, _ in multiscale_windows(end_s, tuple(scales_s))]
     if mode == "window":
         return plan_windows(0.0, end_s, window_s=window_s, stride_s=stride_s, min_segment_s=min_segment_s)
     edges = [0.0, *[c for c in cuts if 0 < c < end_s], end_s]
@@ -96,11 +101,13 @@ def sample_tsn(frame_times_s: np.ndarray, start_s: float, end_s: float, frames: 
 
 def plan_segments(frame_times_s: np.ndarray, end_s: float, *, mode: str, window_s: float, stride_s: float,
                   min_segment_s: float, strategy: str = "uniform", frames: int = 8, target_fps: float = 2.0,
-                  max_frames: int = 32, seed: int = 0, key: str = "", cuts: list[float] = ()) -> list[Segment]:
+                  max_frames: int = 32, seed: int = 0, key: str = "", cuts: list[float] = (),
+                  scales_s: tuple[float, ...] = ()) -> list[Segment]:
     """Frame presentation times (relative to the first frame) -> the video's segments with sampled frames.
     ``tsn`` draws are deterministic per (seed, key, segment)."""
     segments = []
-    spans = plan_spans(end_s, mode=mode, window_s=window_s, stride_s=stride_s, min_segment_s=min_segment_s, cuts=cuts)
+    spans = plan_spans(end_s, mode=mode, window_s=window_s, stride_s=stride_s, min_segment_s=min_segment_s, cuts=cuts,
+                       scales_s=scales_s)
     for i, (start, end) in enumerate(spans):
         match strategy:
             case "uniform":

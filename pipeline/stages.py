@@ -54,7 +54,8 @@ def decode_rows(uri: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]
                                    min_shot_s=seg.min_shot_s)
         plan = plan_segments(index.times_s, index.end_s, mode=seg.mode, window_s=seg.window_s, stride_s=spec.stride_s,
                              min_segment_s=seg.min_segment_s, strategy=smp.strategy, frames=smp.frames,
-                             target_fps=smp.target_fps, max_frames=smp.max_frames, seed=smp.seed, key=vid, cuts=cuts)
+                             target_fps=smp.target_fps, max_frames=smp.max_frames, seed=smp.seed, key=vid, cuts=cuts,
+                             scales_s=seg.scales_s if seg.localize else ())
         size = decode_size(info, short_side)
         needed = len(np.unique(np.concatenate([s.frame_indices for s in plan]))) / len(index.pts)
         backend = choose_backend(info, dec.backend, dec.exact, needed)
@@ -150,7 +151,12 @@ class EncodeStage:
                                       dtype=m.dtype, device=m.device)
         self.tower = HierarchicalTower(self.encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
                                        fine_frames=t.fine_frames, overlap=t.tile_overlap)
-        self.pooler = build_pooler(self.spec.temporal.pooling, self.encoder.embed_dim)
+        if self.spec.temporal.checkpoint:
+            from temporal.train import load_checkpoint
+
+            self.pooler = load_checkpoint(self.spec.temporal.checkpoint)[0]
+        else:
+            self.pooler = build_pooler(self.spec.temporal.pooling, self.encoder.embed_dim)
         self.vocab = load_vocabulary(self.spec.tags.vocabulary) if self.spec.tags.vocabulary else None
         if self.vocab is not None:
             self.label_emb = label_embeddings(self.encoder, self.vocab, self.spec.tags.prompts)

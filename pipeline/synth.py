@@ -101,13 +101,27 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 25.0, code
     return path
 
 
-def write_clips(directory: str | Path, clips: list[Clip]) -> Path:
+def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS, frame_sizes=((96, 64), (80, 80), (64, 96)),
+                 fps=(24.0, 30.0), duration_s=(2.0, 4.0), size=(0.2, 0.4), noise=(0.0, 25.0)) -> list[Clip]:
+    """``n`` clips, deterministic by ``seed``: motions cycle (balanced classes), every other factor is drawn."""
+    rng = np.random.default_rng(seed)
+    clips = []
+    for i in range(n):
+        width, height = frame_sizes[rng.integers(len(frame_sizes))]
+        clips.append(Clip(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), motions[i % len(motions)],
+                          width=int(width), height=int(height), fps=float(rng.uniform(*fps)),
+                          duration_s=float(rng.uniform(*duration_s)), noise=float(rng.uniform(*noise)),
+                          size=float(rng.uniform(*size)), seed=int(rng.integers(2**31))))
+    return clips
+
+
+def write_clips(directory: str | Path, clips: list[Clip], *, caption=lambda clip: clip.caption) -> Path:
     """Write each clip as ``NNNN.mp4`` plus ``labels.jsonl`` (uri, start_s, end_s, caption and the factors)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "labels.jsonl", "w") as f:
         for i, clip in enumerate(clips):
             path = write_video(directory / f"{i:04d}.mp4", render(clip), fps=clip.fps)
-            f.write(json.dumps({"uri": str(path), "start_s": 0.0, "end_s": clip.duration_s, "caption": clip.caption,
-                                **asdict(clip)}) + "\n")
+            f.write(json.dumps({**asdict(clip), "uri": str(path), "start_s": 0.0, "end_s": clip.duration_s,
+                                "caption": caption(clip)}) + "\n")
     return directory / "labels.jsonl"

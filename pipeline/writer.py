@@ -56,6 +56,16 @@ SEGMENTS_SCHEMA = pa.schema([
     ("config_hash", pa.string()),
 ])
 
+ACTIONS_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("uri", pa.string()),
+    ("label", pa.string()),
+    ("start_s", pa.float64()),  # the action's extent, merged from the windows that found it
+    ("end_s", pa.float64()),
+    ("score", pa.float32()),  # the best window's calibrated confidence
+    ("config_hash", pa.string()),
+])
+
 ERRORS_SCHEMA = pa.schema([
     ("video_id", pa.string()),
     ("uri", pa.string()),
@@ -75,7 +85,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
 
 def read_table(out_dir: str | Path, name: str) -> pa.Table:
     """All shards of ``segments`` or ``errors`` under ``out_dir`` as one table (empty with the schema if none)."""
-    schema = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA}[name]
+    schema = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA, "actions": ACTIONS_SCHEMA}[name]
     files = sorted((Path(out_dir) / name).glob("*.parquet"))
     if not files:
         return schema.empty_table()
@@ -147,3 +157,29 @@ class OutputWriter:
     def unfinished(self) -> list[str]:
         """Videos with rows but no complete set (only after a failure upstream)."""
         return list(self._rows)
+
+
+def write_actions(out_dir: str | Path, *, config_hash: str, threshold: float) -> int:
+    """Localise actions from the stored window tags of this config (no decoding, no model): per video and label,
+    windows whose confidence reaches ``threshold``, temporal NMS, merged. Rewrites ``actions/`` atomically."""
+    import numpy as np
+
+    from temporal.localize import localize
+
+    table = read_table(out_dir, "segments")
+    table = table.filter(pc.equal(table["config_hash"], config_hash))
+    rows = []
+    by_video: dict[str, list[dict]] = defaultdict(list)
+    for row in table.select(["video_id", "uri", "start_s", "end_s", "tags"]).to_pylist():
+        by_video[row["video_id"]].append(row)
+    for vid, windows in by_video.items():
+        spans = np.array([[w["start_s"], w["end_s"]] for w in windows])
+        for label in sorted({t["label"] for w in windows for t in w["tags"]}):
+            scores = np.array([next((t["confidence"] for t in w["tags"] if t["label"] == label), 0.0) for w in windows])
+            for start, end, score in localize(spans, scores, threshold=threshold):
+                rows.append({"video_id": vid, "uri": windows[0]["uri"], "label": label, "start_s": start,
+                             "end_s": end, "score": score, "config_hash": config_hash})
+    directory = Path(out_dir) / "actions"
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(pa.Table.from_pylist(rows, schema=ACTIONS_SCHEMA), directory / "actions.parquet")
+    return len(rows)

@@ -30,3 +30,14 @@ def test_attention_pooling_can_tell_order_once_its_output_is_nonzero():
     x, times = torch.randn(1, 6, 16), torch.linspace(0, 2, 6)[None]
     assert torch.allclose(mean_pool(x), mean_pool(x.flip(1)), atol=1e-6)  # mean pooling cannot
     assert not torch.allclose(pool(x, times), pool(x.flip(1), times), atol=1e-3)
+
+
+def test_padding_is_invisible_to_attention_pooling():
+    torch.manual_seed(0)
+    pool = AttentionPooling(16)
+    torch.nn.init.normal_(pool.out.weight)
+    x, times = torch.randn(1, 6, 16), torch.linspace(0, 2, 6)[None]
+    padded_x = torch.cat([x, torch.randn(1, 3, 16) * 50], dim=1)
+    padded_t = torch.cat([times, torch.tensor([[9.0, 9.5, 10.0]])], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 3])
+    assert torch.allclose(pool(padded_x, padded_t, mask), pool(x, times), atol=1e-5)

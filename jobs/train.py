@@ -1,0 +1,190 @@
+"""``reeltag train`` and ``reeltag eval``: the temporal head on labelled clips, with a frozen backbone whose
+frame embeddings are computed once per manifest and cached under ``output.dir/cache``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import PipelineSpec
+from pipeline.manifest import LabelledClip, read_manifest
+
+
+class TrainError(RuntimeError):
+    """Training or evaluation could not run (no manifest, no usable clip)."""
+
+
+def _encoder(spec: PipelineSpec):
+    from encoders import HierarchicalTower, create_encoder
+
+    m, t = spec.model, spec.tower
+    encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only, dtype=m.dtype,
+                             device=m.device)
+    return encoder, HierarchicalTower(encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
+                                      fine_frames=t.fine_frames, overlap=t.tile_overlap)
+
+
+def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], short_side: int) -> str:
+    files = {c.uri: (os.path.getsize(c.uri), os.path.getmtime(c.uri)) if os.path.exists(c.uri) else None
+             for c in clips}
+    parts = [[(c.uri, c.start_s, c.end_s) for c in clips], sorted(files.items()), spec.model_id(),
+             str(spec.tower), spec.sampling.frames, short_side, spec.model.dtype]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def frame_embeddings(spec: PipelineSpec, clips: list[LabelledClip], *, log=print):
+    """``[N,T,D]`` fused frame embeddings, times ``[N,T]``, and which clips decoded; cached on disk."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.decode import DecodeError, decode_span
+
+    from .run import decode_short_side
+
+    short_side = decode_short_side(spec)
+    path = Path(spec.output.dir) / "cache" / f"frames-{_cache_key(spec, clips, short_side)}.safetensors"
+    if path.exists():
+        cached = load_file(path)
+        return cached["frames"], cached["times"], cached["ok"].bool()
+    torch.set_num_threads(os.cpu_count() or 1)
+    _, tower = _encoder(spec)
+    t, frames, times, ok = spec.sampling.frames, [], [], []
+    started = time.monotonic()
+    for i, clip in enumerate(clips):
+        try:
+            pixels, stamps = decode_span(clip.uri, clip.start_s, clip.end_s, t, short_side,
+                                         backend=spec.decode.backend)
+            with torch.inference_mode():
+                frames.append(tower(torch.from_numpy(pixels))[0])
+            times.append(torch.as_tensor(stamps, dtype=torch.float32))
+            ok.append(True)
+        except DecodeError as e:
+            log({"skipped": clip.uri, "error_type": e.error_type, "message": str(e)})
+            frames.append(None)
+            times.append(torch.zeros(t))
+            ok.append(False)
+        if (i + 1) % 100 == 0:
+            log({"embedded_clips": i + 1, "of": len(clips), "seconds": round(time.monotonic() - started, 1)})
+    dim = next((f.shape[-1] for f in frames if f is not None), None)
+    if dim is None:
+        raise TrainError("no clip of the manifest could be decoded")
+    stacked = torch.stack([f if f is not None else torch.zeros(t, dim) for f in frames]).float()
+    result = {"frames": stacked.contiguous(), "times": torch.stack(times), "ok": torch.tensor(ok, dtype=torch.uint8)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(result, path.with_name(f".{path.name}.tmp"))
+    os.replace(path.with_name(f".{path.name}.tmp"), path)
+    return result["frames"], result["times"], result["ok"].bool()
+
+
+def text_embeddings(spec: PipelineSpec, clips: list[LabelledClip]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Unique texts, their embeddings ``[Q,D]`` (labels prompt-ensembled, captions as written), group per clip."""
+    from encoders import Vocabulary, create_encoder, label_embeddings
+
+    texts = list(dict.fromkeys(c.text for c in clips))
+    is_label = {c.text: c.is_label for c in clips}
+    m = spec.model
+    encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only, dtype=m.dtype,
+                             device=m.device)
+    emb = []
+    for text in texts:
+        if is_label[text]:
+            emb.append(label_embeddings(encoder, Vocabulary((text,)), spec.tags.prompts)[0])
+        else:
+            emb.append(F.normalize(encoder.encode_text([text]), dim=-1)[0])
+    groups = torch.tensor([texts.index(c.text) for c in clips])
+    return texts, torch.stack(emb).float(), groups
+
+
+def load_clips(spec: PipelineSpec, manifest: str, *, log=print):
+    from temporal.train import ClipEmbeddings
+
+    clips = read_manifest(manifest)
+    frames, times, ok = frame_embeddings(spec, clips, log=log)
+    texts, text_emb, groups = text_embeddings(spec, clips)
+    keep = ok.nonzero().flatten()
+    data = ClipEmbeddings(frames[keep], times[keep], torch.ones(len(keep), frames.shape[1], dtype=torch.bool),
+                          text_emb[groups[keep]], groups[keep])
+    return data, texts, text_emb
+
+
+def evaluate(head, data, texts: list[str], text_emb: torch.Tensor) -> dict:
+    """Text->video R@1/5/10 and median rank (one query per distinct text), zero-shot top-1, tag mAP."""
+    from temporal.metrics import mean_average_precision, retrieval, top1
+    from temporal.train import embed_clips
+
+    video = embed_clips(head, data).numpy()
+    text = text_emb.numpy()
+    groups = data.groups.numpy()
+    present = np.unique(groups)
+    relevant = groups[None, :] == present[:, None]
+    scores = video @ text.T
+    out = retrieval(video, text[present], relevant)
+    out["top1"] = top1(scores, groups)
+    out["mAP"] = mean_average_precision(scores, groups[:, None] == np.arange(len(texts))[None, :])
+    out["clips"], out["queries"] = int(len(groups)), int(len(present))
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _log_to(path: Path):
+    def log(record: dict) -> None:
+        line = json.dumps(record)
+        print(line, file=sys.stderr, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    return log
+
+
+def run_train(spec: PipelineSpec) -> dict:
+    from temporal.train import HeadShape, TrainSettings, fit
+
+    if not spec.train.manifest:
+        raise TrainError("train.manifest is not set: point it at a .jsonl/.csv of labelled clips")
+    out = Path(spec.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _log_to(out / "train_log.jsonl")
+    torch.manual_seed(spec.train.seed)
+    data, texts, text_emb = load_clips(spec, spec.train.manifest, log=log)
+    held_out = load_clips(spec, spec.train.eval_manifest, log=log) if spec.train.eval_manifest else None
+    tr = spec.train
+    settings = TrainSettings(loss=tr.loss, epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr,
+                             weight_decay=tr.weight_decay, seed=tr.seed)
+    shape = HeadShape(dim=data.frames.shape[-1], heads=tr.heads, layers=tr.layers)
+    started = time.monotonic()
+    head = fit(data, shape, settings, checkpoint_dir=out / "head", log=log,
+               evaluate=(lambda h: {"val_" + k: v for k, v in evaluate(h, *held_out).items()
+                                    if k in ("R@1", "top1")}) if held_out else None)
+    summary = {"clips": len(data.frames), "texts": len(texts), "epochs": tr.epochs,
+               "seconds": round(time.monotonic() - started, 1), "checkpoint": str(out / "head"),
+               "train": evaluate(head, data, texts, text_emb)}
+    if held_out:
+        summary["eval"] = evaluate(head, *held_out)
+    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_eval(spec: PipelineSpec) -> dict:
+    from temporal.train import load_checkpoint
+
+    if not spec.train.eval_manifest:
+        raise TrainError("train.eval_manifest is not set: point it at a .jsonl/.csv of held-out labelled clips")
+    data, texts, text_emb = load_clips(spec, spec.train.eval_manifest, log=lambda r: None)
+    head = load_checkpoint(spec.temporal.checkpoint)[0] if spec.temporal.checkpoint else None
+    result = {"pooling": spec.temporal.pooling if head is not None else "mean", **evaluate(head, data, texts,
+                                                                                            text_emb)}
+    out = Path(spec.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_metrics(result: dict) -> str:
+    keys = ["clips", "queries", "R@1", "R@5", "R@10", "median_rank", "top1", "mAP"]
+    return "\n".join(f"  {k:<12} {result[k]}" for k in keys if k in result)

@@ -1,0 +1,60 @@
+"""Output shards: whole videos per shard, finished videos read back from the shards, actions from windows."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipeline.config import parse_spec
+from pipeline.stages import decode_rows
+from pipeline.writer import STREAM_SCHEMA, OutputWriter, read_table, write_actions
+
+
+def _segment(vid, i, start, end, tags):
+    return {"kind": "segment", "video_id": vid, "uri": f"/v/{vid}.mp4", "segment_id": i, "n_segments": 0,
+            "start_s": start, "end_s": end, "frame_times_s": [start], "embedding": [1.0, 0.0], "backend": "pyav",
+            "tags": [{"label": k, "score": 0.5, "confidence": v} for k, v in tags.items()], "region_tags": [],
+            "stage": "", "error_type": "", "message": ""}
+
+
+def _end(vid, n, error=""):
+    return {"kind": "end", "video_id": vid, "uri": f"/v/{vid}.mp4", "n_segments": n, "error_type": error,
+            "stage": "decode" if error else "", "message": error}
+
+
+def test_a_video_is_written_only_when_all_its_rows_are_in(tmp_path):
+    writer = OutputWriter(tmp_path, config_hash="h1", model="m", shard_rows=1000)
+    assert writer.add(pa.Table.from_pylist([_segment("a", 0, 0, 2, {}), _end("b", 0, "unreadable")],
+                                           schema=STREAM_SCHEMA)) == ["b"]
+    assert writer.add(pa.Table.from_pylist([_end("a", 2), _segment("a", 1, 2, 4, {})], schema=STREAM_SCHEMA)) == ["a"]
+    writer.flush()
+    assert read_table(tmp_path, "segments").num_rows == 2 and read_table(tmp_path, "errors").num_rows == 1
+    assert writer.finished() == {"a", "b"}
+    assert OutputWriter(tmp_path, config_hash="h2", model="m").finished() == set()  # another config: not done
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_actions_are_localised_from_the_stored_window_confidences(tmp_path):
+    writer = OutputWriter(tmp_path, config_hash="h", model="m")
+    windows = [(0, 2, {"run": 0.1}), (1, 3, {"run": 0.7}), (2, 4, {"run": 0.9, "jump": 0.2}), (3, 5, {"run": 0.6}),
+               (4, 6, {"jump": 0.8}), (5, 7, {"jump": 0.3})]
+    rows = [_segment("v", i, a, b, t) for i, (a, b, t) in enumerate(windows)] + [_end("v", len(windows))]
+    writer.add(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
+    writer.flush()
+    assert write_actions(tmp_path, config_hash="h", threshold=0.5) == 2
+    actions = sorted((a["label"], a["start_s"], a["end_s"], round(a["score"], 3))
+                     for a in read_table(tmp_path, "actions").to_pylist())
+    assert actions == [("jump", 4.0, 6.0, 0.8), ("run", 1.0, 5.0, 0.9)]
+
+
+def test_localize_plans_windows_at_every_scale(archive, tiny_clip_dir, tmp_path):
+    spec = parse_spec(f"input: {{paths: ['{archive}']}}\nmodel: {{pretrained: '{tiny_clip_dir}'}}\n"
+                      f"output: {{dir: '{tmp_path}'}}\nsegments: {{localize: true, scales_s: [1.0, 2.0, 4.0]}}\n"
+                      "sampling: {frames: 2}\n")
+    rows = [r for r in decode_rows(str(archive / "clip0.mp4"), spec, 32) if r["kind"] == "segment"]
+    spans = sorted((r["start_s"], r["end_s"]) for r in rows)
+    assert len([s for s in spans if s[1] - s[0] == pytest.approx(1.0)]) == 9  # 5 s video, 1 s windows every 0.5 s
+    assert [s for s in spans if s[1] - s[0] == pytest.approx(4.0)] == [(0.0, 4.0), (1.0, 5.0)]  # last flush with end
+    with pytest.raises(Exception, match="segments.localize: needs segments.mode: window"):
+        parse_spec(f"input: {{paths: ['{archive}']}}\noutput: {{dir: '{tmp_path}'}}\n"
+                   "segments: {localize: true, mode: whole}\n")
