@@ -45,6 +45,26 @@ def check_output_dir(path: str) -> Path:
     return out
 
 
+def _decode_on_ray(stage: DecodeStage):
+    """The decode stage as a Ray Data flat_map function that also records the node each video was decoded on."""
+
+    def decode(item: dict):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        for row in stage(item):
+            if row["kind"] == "end":
+                row["node"] = node
+            yield row
+
+    return decode
+
+
+def fingerprint(uri: str) -> str:
+    st = os.stat(uri)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 class _RayEncode:
     """Ray actor wrapper: build the stage and load weights once per actor."""
 
@@ -86,21 +106,25 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     out = check_output_dir(spec.output.dir)
     short_side = decode_short_side(spec)
     config_hash, model = spec.config_hash(), spec.model_id()
-    writer = OutputWriter(out, config_hash=config_hash, model=model, shard_rows=spec.output.shard_rows)
     videos = spec.videos()
+    prints = {uri: fingerprint(uri) for uri in videos}
+    writer = OutputWriter(out, config_hash=config_hash, model=model, shard_rows=spec.output.shard_rows,
+                          fingerprints=prints)
     finished = writer.finished()
-    todo = [uri for uri in videos if video_id(uri) not in finished]
+    todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in finished]
     progress = Progress(total=len(todo))
     if todo:
         with ray_session(spec.ray) as ray:
             ds = ray.data.from_items([{"uri": uri} for uri in todo], override_num_blocks=len(todo))
             # decode: 1 video -> N segment rows (frames [T,H,W,3]) + 1 end row, on CPU tasks
-            ds = ds.flat_map(DecodeStage(spec, short_side=short_side), num_cpus=spec.ray.decode_cpus)
+            ds = ds.flat_map(_decode_on_ray(DecodeStage(spec, short_side=short_side)), num_cpus=spec.ray.decode_cpus,
+                             max_retries=spec.ray.max_retries)
             # encode: N segment rows -> N rows with embeddings and tags, on actors that load the model once
             ds = ds.map_batches(_RayEncode, fn_constructor_kwargs={"spec": spec}, batch_size=EncodeStage.batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=spec.ray.encoder_actors),
                                 num_cpus=spec.ray.encoder_cpus, num_gpus=spec.ray.gpus_per_actor or None,
-                                batch_format="numpy")
+                                batch_format="numpy", max_restarts=spec.ray.max_retries,
+                                max_task_retries=spec.ray.max_retries)
             # write: on the driver, whole videos per shard, as rows stream in
             done = 0
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -118,7 +142,7 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         "videos_failed": writer.videos_failed, "errors_by_type": dict(writer.errors_by_type),
         "segments": writer.segments, "wall_s": round(wall, 3),
         "segments_per_s": round(writer.segments / wall, 3) if wall > 0 else 0.0,
-        "config_hash": config_hash, "model": model,
+        "config_hash": config_hash, "model": model, "videos_by_node": dict(writer.videos_by_node),
         "outputs": {"segments": str(out / "segments"), "errors": str(out / "errors")},
     }
     if actions is not None:

@@ -34,7 +34,7 @@ class Resources:
 def _row(kind: str, vid: str, uri: str, **fields) -> dict:
     row = {"kind": kind, "video_id": vid, "uri": uri, "segment_id": -1, "n_segments": 0, "start_s": 0.0,
            "end_s": 0.0, "frame_times_s": np.zeros(0), "frames": np.zeros((0, 1, 1, 3), np.uint8),
-           "backend": "", "stage": "", "error_type": "", "message": ""}
+           "backend": "", "node": "", "stage": "", "error_type": "", "message": ""}
     row.update(fields)
     return row
 
@@ -100,6 +100,9 @@ def _open(backend: str, uri: str, info, index, size, dec):
         return open_reader("pyav", uri, info, index, size, threads=dec.threads, exact=dec.exact)
 
 
+_DECODERS: dict[tuple, IsolatedDecoder] = {}
+
+
 class DecodeStage:
     """1 video -> N segment rows + 1 ``end`` row, decoded in a child process (see ``_isolate``)."""
 
@@ -111,7 +114,10 @@ class DecodeStage:
 
     def setup(self) -> None:
         d = self.spec.decode
-        self._decoder = IsolatedDecoder(decode_rows, timeout_s=d.timeout_s, recycle_after=d.recycle_after)
+        key = (d.timeout_s, d.recycle_after)  # one decoder process per worker process, reused across tasks
+        if key not in _DECODERS:
+            _DECODERS[key] = IsolatedDecoder(decode_rows, timeout_s=d.timeout_s, recycle_after=d.recycle_after)
+        self._decoder = _DECODERS[key]
 
     def __call__(self, item: dict) -> Iterator[dict]:
         if self._decoder is None:

@@ -2,13 +2,16 @@
 
 The driver receives a stream of rows (segment rows with embeddings and tags, one ``end`` row per video that
 says how many segment rows the video has and whether it failed). A video is written only once all its rows
-are in, so every shard holds complete videos, and the set of finished videos is read back from the shards
-themselves: a re-run skips exactly what a previous run (crashed or not) finished, and duplicates nothing.
+are in. A flush writes ``segments/part-X``, ``errors/part-X`` and then ``manifest/part-X``: the manifest shard
+is the commit. Readers only see shards whose manifest shard exists (and, per video, only its latest commit),
+so a run killed at any point and re-run gives exactly a clean run's rows: nothing duplicated, nothing missing.
+The manifest records each video's fingerprint (size, modification time), so a changed file is done again.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -36,6 +39,7 @@ STREAM_SCHEMA = pa.schema([
     ("tags", pa.list_(TAG)),
     ("region_tags", pa.list_(REGION_TAG)),
     ("backend", pa.string()),
+    ("node", pa.string()),  # on "end" rows: the Ray node that decoded the video
     ("stage", pa.string()),  # where it failed: decode, encode; empty when it did not
     ("error_type", pa.string()),
     ("message", pa.string()),
@@ -76,6 +80,19 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
+MANIFEST_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("uri", pa.string()),
+    ("fingerprint", pa.string()),  # size:mtime_ns of the file when it was read
+    ("config_hash", pa.string()),
+    ("model", pa.string()),
+    ("status", pa.string()),  # ok, failed (no segments), partial (segments and an error)
+    ("n_segments", pa.int32()),
+    ("node", pa.string()),  # Ray node that decoded it
+    ("committed_at", pa.float64()),  # unix time of the commit; the latest commit of a video wins
+])
+
+
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` through a hidden temporary file and an atomic rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -84,34 +101,63 @@ def write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def read_table(out_dir: str | Path, name: str) -> pa.Table:
-    """All shards of ``segments`` or ``errors`` under ``out_dir`` as one table (empty with the schema if none)."""
-    schema = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA, "actions": ACTIONS_SCHEMA}[name]
-    files = sorted((Path(out_dir) / name).glob("*.parquet"))
-    if not files:
-        return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+    """All committed rows of ``segments``, ``errors``, ``manifest`` or ``actions`` under ``out_dir`` as one table
+    (empty, with the schema, if none). A video's rows come from its latest commit only."""
+    schema = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA, "actions": ACTIONS_SCHEMA,
+              "manifest": MANIFEST_SCHEMA}[name]
+    out_dir = Path(out_dir)
+    if name == "actions":
+        files = sorted((out_dir / name).glob("*.parquet"))
+        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
+    manifest = {f.name: pq.read_table(f, schema=MANIFEST_SCHEMA)
+                for f in sorted((out_dir / "manifest").glob("*.parquet"))}
+    if name == "manifest":
+        return pa.concat_tables(manifest.values()) if manifest else schema.empty_table()
+    latest: dict[tuple, tuple[float, str]] = {}
+    for shard, table in manifest.items():
+        for vid, config, at in zip(*(table[c].to_pylist() for c in ("video_id", "config_hash", "committed_at"))):
+            if (vid, config) not in latest or at >= latest[(vid, config)][0]:
+                latest[(vid, config)] = (at, shard)
+    tables = []
+    for shard in manifest:
+        path = out_dir / name / shard
+        if path.exists():
+            table = pq.read_table(path, schema=schema)
+            keep = [latest[(v, c)][1] == shard for v, c in zip(table["video_id"].to_pylist(),
+                                                               table["config_hash"].to_pylist())]
+            tables.append(table.filter(pa.array(keep, pa.bool_())))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 class OutputWriter:
-    """Buffers stream rows per video; writes finished videos as ``segments``/``errors`` shard pairs."""
+    """Buffers stream rows per video; commits finished videos as ``segments``/``errors``/``manifest`` shards."""
 
-    def __init__(self, out_dir: str | Path, *, config_hash: str, model: str, shard_rows: int = 4096):
+    def __init__(self, out_dir: str | Path, *, config_hash: str, model: str, shard_rows: int = 4096,
+                 fingerprints: dict[str, str] | None = None):
         self.out_dir, self.config_hash, self.model, self.shard_rows = Path(out_dir), config_hash, model, shard_rows
-        for name in ("segments", "errors"):
+        self.fingerprints = fingerprints or {}  # uri -> size:mtime_ns
+        for name in ("segments", "errors", "manifest"):
             (self.out_dir / name).mkdir(parents=True, exist_ok=True)
+        self._remove_uncommitted()
         self._rows: dict[str, list[dict]] = defaultdict(list)  # video_id -> its rows so far
         self._ready: list[dict] = []  # rows of finished videos not yet in a shard
         self.videos_ok = self.videos_failed = self.segments = 0
         self.errors_by_type: dict[str, int] = defaultdict(int)
+        self.videos_by_node: dict[str, int] = defaultdict(int)
 
-    def finished(self) -> set[str]:
-        """Video ids that shards already hold for this config (a crashed run's complete shards included)."""
-        done = set()
-        for name in ("segments", "errors"):
-            for f in (self.out_dir / name).glob("*.parquet"):
-                t = pq.read_table(f, columns=["video_id", "config_hash"])
-                done.update(t.filter(pc.equal(t["config_hash"], self.config_hash))["video_id"].to_pylist())
-        return done
+    def _remove_uncommitted(self) -> None:
+        """Shards (and temporary files) a killed run left without their manifest shard: never read, now gone."""
+        committed = {f.name for f in (self.out_dir / "manifest").glob("*.parquet")}
+        for name in ("segments", "errors", "manifest"):
+            for f in (self.out_dir / name).iterdir():
+                if f.name.startswith(".") or (name != "manifest" and f.name not in committed):
+                    f.unlink()
+
+    def finished(self) -> set[tuple[str, str]]:
+        """(video id, fingerprint) pairs committed for this config."""
+        t = read_table(self.out_dir, "manifest")
+        t = t.filter(pc.equal(t["config_hash"], self.config_hash))
+        return set(zip(t["video_id"].to_pylist(), t["fingerprint"].to_pylist()))
 
     def add(self, table: pa.Table) -> list[str]:
         """Take a batch of stream rows; return the ids of the videos it completed."""
@@ -137,9 +183,11 @@ class OutputWriter:
                 self.errors_by_type[r["error_type"]] += 1
         else:
             self.videos_ok += 1
+        end = next(r for r in rows if r["kind"] == "end")
+        self.videos_by_node[end.get("node") or "local"] += 1
 
     def flush(self) -> None:
-        """Write the finished videos' rows: the errors shard first, then the segments shard."""
+        """Commit the finished videos: segments and errors shards, then the manifest shard."""
         if not self._ready:
             return
         name = f"part-{uuid.uuid4().hex[:12]}.parquet"
@@ -152,6 +200,15 @@ class OutputWriter:
         if good:
             write_atomic(pa.Table.from_pylist([{**r, **common} for r in good], schema=SEGMENTS_SCHEMA),
                          self.out_dir / "segments" / name)
+        now, manifest = time.time(), []
+        for end in (r for r in self._ready if r["kind"] == "end"):
+            n = sum(r["video_id"] == end["video_id"] and not r["error_type"] for r in good)
+            failed = any(r["video_id"] == end["video_id"] for r in bad)
+            manifest.append({"video_id": end["video_id"], "uri": end["uri"],
+                             "fingerprint": self.fingerprints.get(end["uri"], ""), **common, "n_segments": n,
+                             "status": ("partial" if n else "failed") if failed else "ok",
+                             "node": end.get("node") or "", "committed_at": now})
+        write_atomic(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), self.out_dir / "manifest" / name)
         self._ready = []
 
     def unfinished(self) -> list[str]:

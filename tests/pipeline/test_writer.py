@@ -29,7 +29,7 @@ def test_a_video_is_written_only_when_all_its_rows_are_in(tmp_path):
     assert writer.add(pa.Table.from_pylist([_end("a", 2), _segment("a", 1, 2, 4, {})], schema=STREAM_SCHEMA)) == ["a"]
     writer.flush()
     assert read_table(tmp_path, "segments").num_rows == 2 and read_table(tmp_path, "errors").num_rows == 1
-    assert writer.finished() == {"a", "b"}
+    assert writer.finished() == {("a", ""), ("b", "")}  # no fingerprints given here
     assert OutputWriter(tmp_path, config_hash="h2", model="m").finished() == set()  # another config: not done
     assert not list(tmp_path.rglob(".*.tmp"))
 
@@ -58,3 +58,27 @@ def test_localize_plans_windows_at_every_scale(archive, tiny_clip_dir, tmp_path)
     with pytest.raises(Exception, match="segments.localize: needs segments.mode: window"):
         parse_spec(f"input: {{paths: ['{archive}']}}\noutput: {{dir: '{tmp_path}'}}\n"
                    "segments: {localize: true, mode: whole}\n")
+
+
+def test_a_killed_runs_uncommitted_shards_are_never_read_and_are_removed(tmp_path):
+    writer = OutputWriter(tmp_path, config_hash="h", model="m")
+    writer.add(pa.Table.from_pylist([_segment("a", 0, 0, 2, {}), _end("a", 1)], schema=STREAM_SCHEMA))
+    writer.flush()
+    committed = next((tmp_path / "segments").glob("*.parquet")).name
+    # a kill between the segments shard and its manifest shard leaves an orphan (and maybe a temporary file)
+    orphan = tmp_path / "segments" / "part-orphan.parquet"
+    orphan.write_bytes((tmp_path / "segments" / committed).read_bytes())
+    (tmp_path / "segments" / ".part-x.parquet.tmp").write_bytes(b"half")
+    assert read_table(tmp_path, "segments").num_rows == 1
+    OutputWriter(tmp_path, config_hash="h", model="m")  # the next run starts by removing them
+    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == [committed]
+
+
+def test_a_re_done_video_is_read_from_its_latest_commit_only(tmp_path):
+    for fingerprint in ("1:1", "2:2"):  # the file changed between the runs
+        writer = OutputWriter(tmp_path, config_hash="h", model="m", fingerprints={"/v/a.mp4": fingerprint})
+        writer.add(pa.Table.from_pylist([_segment("a", 0, 0, 2, {}), _segment("a", 1, 2, 4, {}), _end("a", 2)],
+                                        schema=STREAM_SCHEMA))
+        writer.flush()
+    assert read_table(tmp_path, "segments").num_rows == 2 and read_table(tmp_path, "manifest").num_rows == 2
+    assert writer.finished() == {("a", "1:1"), ("a", "2:2")}
