@@ -4,7 +4,8 @@
 
 Generates SynthActions-style clips of six motions, three pairs of which are each other's reverse (left/right,
 up/down, growing/shrinking), with varied sizes, frame rates, durations, colours, shapes and noise. Backbone: a
-tiny random CLIP saved and loaded through ``from_pretrained`` (no download). Prints held-out top-1 for mean
+small random CLIP (64 px, width 64) saved and loaded through ``from_pretrained`` (no download): untrained, so
+its frame embeddings carry position and size only as random features. Prints held-out top-1 for mean
 pooling (which cannot tell a clip from its reverse) and for the attention head after ``reeltag train``, per
 motion pair, and the training time.
 """
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--held-out", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--image-size", type=int, default=64, help="input size of the random CLIP backbone")
+    parser.add_argument("--width", type=int, default=64, help="width of the random CLIP backbone")
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "reeltag-temporal-bench"))
     args = parser.parse_args()
     root = Path(args.dir)
@@ -41,7 +44,8 @@ def main() -> None:
     sizes = dict(frame_sizes=((96, 64), (80, 80), (64, 96), (112, 64)), fps=(24.0, 30.0), duration_s=(2.0, 4.0))
     train = write_clips(root / "train", sample_clips(args.train, seed=0, **sizes), caption=lambda c: c.motion)
     held = write_clips(root / "held-out", sample_clips(args.held_out, seed=1, **sizes), caption=lambda c: c.motion)
-    model = save_tiny(root / "model", words=MOTIONS)
+    model = save_tiny(root / f"model-{args.image_size}-{args.width}", words=MOTIONS, image_size=args.image_size,
+                      width=args.width, embed_dim=args.width)
     print(f"generated {args.train} + {args.held_out} clips in {time.monotonic() - started:.0f} s")
     config = root / "train.yaml"
     config.write_text(f"input: {{paths: ['{root}/held-out']}}\nmodel: {{pretrained: '{model}', dtype: float32}}\n"

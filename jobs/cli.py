@@ -22,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_config(sub.add_parser("run", help="run a pipeline as a Ray batch job"))
     _add_config(sub.add_parser("train", help="train the temporal head on train.manifest (resumes if interrupted)"))
     _add_config(sub.add_parser("eval", help="evaluate on train.eval_manifest: R@1/5/10, median rank, top-1, mAP"))
+    _add_config(sub.add_parser("index", help="run the pipeline on new inputs only, then (re)build the search index"))
+    search = sub.add_parser("search", help="rank stored segments of an output directory for a text query")
+    search.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
+    search.add_argument("query", help='what to find, e.g. "a person opening a car door"')
+    search.add_argument("--top-k", type=int, default=10, help="results to return")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
     demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
     demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
     return parser
@@ -43,13 +49,22 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args.dir)
+        if args.command == "search":
+            return _search(args)
         spec = load_spec(args.config, args.overrides)
         if args.command == "validate":
             print(summary_line(spec))
             return 0
         if args.command in ("train", "eval"):
             return _train_or_eval(args.command, spec)
-        return _run(spec)
+        code = _run(spec)
+        if code == 0 and args.command == "index":
+            from .search import build_index
+
+            index = build_index(spec.output.dir, spec.config_hash())
+            print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
+                  f"{spec.output.dir}/index/{index.config_hash}")
+        return code
     except ConfigError as e:
         print(f"reeltag: invalid pipeline definition:\n{e}", file=sys.stderr)
         return 2
@@ -70,6 +85,25 @@ def _run(spec: PipelineSpec) -> int:
         print(f"reeltag: the job could not run: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))
+    return 0
+
+
+def _search(args) -> int:
+    import json
+
+    from encoders import ModelLoadError
+
+    from .search import SearchError, format_results, search
+
+    try:
+        results = search(args.output_dir, args.query, top_k=args.top_k)
+    except SearchError as e:
+        print(f"reeltag search: {e}", file=sys.stderr)
+        return 2
+    except ModelLoadError as e:
+        print(f"reeltag search: the query cannot be embedded: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
 
 

@@ -75,3 +75,31 @@ def test_reeltag_train_learns_order_that_mean_pooling_cannot_see(motion_set):
             if r["kind"] == "segment"]
     right = np.mean([r["tags"][0]["label"] == lab["motion"] for r, lab in zip(rows, labels)])
     assert right >= 0.9
+
+
+@pytest.mark.slow
+def test_search_finds_a_motion_by_its_caption(motion_set):
+    """`reeltag index` (Ray, embedded) then `reeltag search`: with the trained head, each motion's own caption
+    ranks clips of that motion first."""
+    root, config = motion_set
+    head = root / "out" / "head"
+    if not (head / "head.safetensors").exists():
+        assert reeltag("train", config).returncode == 0
+    labels = [json.loads(line) for line in (root / "val" / "labels.jsonl").read_text().splitlines()][:16]
+    index_dir = root / "indexed"
+    indexed = reeltag("index", config, "--set", f"temporal.checkpoint={head}", "--set", "segments.mode=whole",
+                      "--set", f"input.paths=[{','.join(r['uri'] for r in labels)}]",
+                      "--set", f"output.dir={index_dir}", "--set", "ray.num_cpus=2")
+    assert indexed.returncode == 0, indexed.stderr
+    assert "index: 16 segments" in indexed.stdout
+    motion_of = {r["uri"]: r["motion"] for r in labels}
+    for motion in MOTIONS:
+        found = reeltag("search", index_dir, motion, "--top-k", "3", "--json")
+        assert found.returncode == 0, found.stderr
+        results = json.loads(found.stdout)
+        assert len(results) == 3 and [motion_of[r["uri"]] for r in results] == [motion] * 3, (motion, results)
+        assert results[0]["score"] >= results[1]["score"] >= results[2]["score"]
+    text = reeltag("search", index_dir, "moving left", "--top-k", "2")
+    assert text.returncode == 0 and len(text.stdout.strip().splitlines()) == 3  # a header and two results
+    missing = reeltag("search", root / "nowhere", "moving left")
+    assert missing.returncode == 2 and "not a reeltag output directory" in missing.stderr
