@@ -61,8 +61,13 @@ def _decode_on_ray(stage: DecodeStage):
 
 
 def fingerprint(uri: str) -> str:
-    st = os.stat(uri)
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    from pipeline.sources import stat
+
+    try:
+        size, mtime = stat(uri)
+    except (OSError, ValueError):
+        return "missing"  # the decode stage records why
+    return f"{size}:{mtime}"
 
 
 class _RayEncode:

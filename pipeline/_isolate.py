@@ -66,7 +66,8 @@ class IsolatedDecoder:
             try:
                 kind, row = self._conn.recv()
             except (EOFError, ConnectionError, OSError):
-                code = self._proc.exitcode if self._proc is not None else None
+                self._proc.join(timeout=5)  # reap it, so its exit code (the signal) is known
+                code = self._proc.exitcode
                 self.close(kill=True)
                 yield on_fail("decoder_crashed", f"the decoder process died (exit code {code})", count)
                 return

@@ -46,7 +46,8 @@ _OVERLAP = _check(lambda v: 0 <= v < 0.5, "must be in [0, 0.5), got {got}")
 
 @dataclass(frozen=True)
 class InputSpec:
-    paths: tuple[str, ...] = ()  # video files, directories (searched recursively) or globs; required
+    paths: tuple[str, ...] = ()  # video files, directories (recursive), globs, or filesystem URIs (s3://...)
+    manifest: str | None = None  # a list of video URIs (.txt one per line, .jsonl/.csv with a uri field)
     extensions: tuple[str, ...] = VIDEO_EXTENSIONS  # file suffixes picked up from directories and globs
 
 
@@ -213,10 +214,18 @@ class PipelineSpec:
     train: TrainSpec
 
     def __post_init__(self):
-        if not self.input.paths:
-            raise _FieldProblem("input.paths", "required: video files, directories or globs")
+        from .sources import SourceError, expand
+
+        if not self.input.paths and not self.input.manifest:
+            raise _FieldProblem("input.paths", "required: video files, directories, globs or URIs (or input.manifest)")
+        if self.input.manifest is not None and not os.path.isfile(self.input.manifest):
+            raise _FieldProblem("input.manifest", f"file not found: {self.input.manifest}")
         for i, pattern in enumerate(self.input.paths):
-            if not _expand(pattern, self.input.extensions):
+            try:
+                found = expand(pattern, self.input.extensions)
+            except SourceError as e:
+                raise _FieldProblem(f"input.paths.{i}", str(e)) from None
+            if not found:
                 what = "no video files match" if glob.has_magic(pattern) or os.path.isdir(pattern) else "not found"
                 raise _FieldProblem(f"input.paths.{i}", f"{what}: {pattern}")
 
@@ -241,19 +250,13 @@ class PipelineSpec:
         return f"{self.model.family}:{self.model.pretrained}"
 
     def videos(self) -> list[str]:
-        """All input video files, absolute, sorted, without duplicates."""
-        found = {os.path.abspath(p) for pattern in self.input.paths for p in _expand(pattern, self.input.extensions)}
+        """All input videos (absolute paths or URIs), sorted, without duplicates."""
+        from .sources import expand, read_uri_list
+
+        found = {p for pattern in self.input.paths for p in expand(pattern, self.input.extensions)}
+        if self.input.manifest:
+            found.update(read_uri_list(self.input.manifest))
         return sorted(found)
-
-
-def _expand(pattern: str, extensions: tuple[str, ...]) -> list[str]:
-    pattern = os.path.expanduser(pattern)
-    if os.path.isfile(pattern):
-        return [pattern]  # an explicitly named file is taken whatever its suffix (it may be a bad video)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "**", "*")
-    suffixes = tuple(e.lower() for e in extensions)
-    return [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and p.lower().endswith(suffixes)]
 
 
 class _FieldProblem(Exception):

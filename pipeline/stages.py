@@ -22,6 +22,7 @@ from .decode import (
     video_id,
 )
 from .segments import plan_segments, shot_boundaries
+from .sources import local_path
 from .writer import STREAM_SCHEMA
 
 
@@ -45,49 +46,59 @@ def decode_rows(uri: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]
     first part and records the truncation). Runs in the decoder process."""
     vid, count, backend, failure = video_id(uri), 0, "", {}
     try:
-        info, index = probe(uri)
-        seg, smp, dec = spec.segments, spec.sampling, spec.decode
-        cuts = []
-        if seg.mode == "shots":
-            hists = low_res_histograms(uri, index, threads=dec.threads)
-            cuts = shot_boundaries(hists, index.times_s[:len(hists)], threshold=seg.shot_threshold,
-                                   min_shot_s=seg.min_shot_s)
-        plan = plan_segments(index.times_s, index.end_s, mode=seg.mode, window_s=seg.window_s, stride_s=spec.stride_s,
-                             min_segment_s=seg.min_segment_s, strategy=smp.strategy, frames=smp.frames,
-                             target_fps=smp.target_fps, max_frames=smp.max_frames, seed=smp.seed, key=vid, cuts=cuts,
-                             scales_s=seg.scales_s if seg.localize else ())
-        size = decode_size(info, short_side)
-        needed = len(np.unique(np.concatenate([s.frame_indices for s in plan]))) / len(index.pts)
-        backend = choose_backend(info, dec.backend, dec.exact, needed)
-        reader = _open(backend, uri, info, index, size, dec)
-        try:
-            for first in range(0, len(plan), dec.chunk_segments):
-                group = plan[first:first + dec.chunk_segments]
-                needed = np.unique(np.concatenate([s.frame_indices for s in group]))
-                try:
-                    frames = reader.read(needed)
-                except DecodeError:
-                    if reader.name != "decord" or dec.backend != "auto":
-                        raise
-                    reader.close()  # Decord failed mid-file: PyAV takes over from this chunk on
-                    backend, reader = "pyav", _open("pyav", uri, info, index, size, dec)
-                    frames = reader.read(needed)
-                times = (reader.served_pts - index.pts[0]) * index.time_base  # true times, also when inexact
-                for s in group:
-                    at = np.searchsorted(needed, s.frame_indices)
-                    yield _row("segment", vid, uri, segment_id=s.segment_id, start_s=s.start_s, end_s=s.end_s,
-                               frame_times_s=times[at], frames=frames[at], backend=backend)
-                    count += 1
-        finally:
-            reader.close()
-        if info.duration_s and index.end_s < info.duration_s - max(1.0, 0.05 * info.duration_s):
-            raise DecodeError("truncated", f"the file holds {index.end_s:.1f} s of the {info.duration_s:.1f} s its "
-                                           f"header declares (truncated); kept {count} segments")
+        with local_path(uri) as path:
+            for row in _segment_rows(uri, path, vid, spec, short_side):
+                backend = row["backend"]
+                count += 1
+                yield row
     except DecodeError as e:
         failure = {"stage": "decode", "error_type": e.error_type, "message": str(e)}
     except Exception as e:  # noqa: BLE001 - any decoder failure is this video's, never the job's
         failure = {"stage": "decode", "error_type": type(e).__name__, "message": _first_line(e)}
     yield _row("end", vid, uri, n_segments=count, backend=backend, **failure)
+
+
+def _segment_rows(uri: str, path: str, vid: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]:
+    """The segment rows of the local file ``path`` (``uri`` names it in the output)."""
+    info, index = probe(path)
+    seg, smp, dec = spec.segments, spec.sampling, spec.decode
+    cuts = []
+    if seg.mode == "shots":
+        hists = low_res_histograms(path, index, threads=dec.threads)
+        cuts = shot_boundaries(hists, index.times_s[:len(hists)], threshold=seg.shot_threshold,
+                               min_shot_s=seg.min_shot_s)
+    plan = plan_segments(index.times_s, index.end_s, mode=seg.mode, window_s=seg.window_s, stride_s=spec.stride_s,
+                         min_segment_s=seg.min_segment_s, strategy=smp.strategy, frames=smp.frames,
+                         target_fps=smp.target_fps, max_frames=smp.max_frames, seed=smp.seed, key=vid, cuts=cuts,
+                         scales_s=seg.scales_s if seg.localize else ())
+    size = decode_size(info, short_side)
+    needed = len(np.unique(np.concatenate([s.frame_indices for s in plan]))) / len(index.pts)
+    backend = choose_backend(info, dec.backend, dec.exact, needed)
+    reader = _open(backend, path, info, index, size, dec)
+    count = 0
+    try:
+        for first in range(0, len(plan), dec.chunk_segments):
+            group = plan[first:first + dec.chunk_segments]
+            needed = np.unique(np.concatenate([s.frame_indices for s in group]))
+            try:
+                frames = reader.read(needed)
+            except DecodeError:
+                if reader.name != "decord" or dec.backend != "auto":
+                    raise
+                reader.close()  # Decord failed mid-file: PyAV takes over from this chunk on
+                reader = _open("pyav", path, info, index, size, dec)
+                frames = reader.read(needed)
+            times = (reader.served_pts - index.pts[0]) * index.time_base  # true times, also when inexact
+            for s in group:
+                at = np.searchsorted(needed, s.frame_indices)
+                yield _row("segment", vid, uri, segment_id=s.segment_id, start_s=s.start_s, end_s=s.end_s,
+                           frame_times_s=times[at], frames=frames[at], backend=reader.name)
+                count += 1
+    finally:
+        reader.close()
+    if info.duration_s and index.end_s < info.duration_s - max(1.0, 0.05 * info.duration_s):
+        raise DecodeError("truncated", f"the file holds {index.end_s:.1f} s of the {info.duration_s:.1f} s its "
+                                       f"header declares (truncated); kept {count} segments")
 
 
 def _open(backend: str, uri: str, info, index, size, dec):

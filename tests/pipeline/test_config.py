@@ -148,3 +148,16 @@ def test_shipped_configs_validate(tmp_path):
             load_spec(path)
         except ConfigError as e:
             assert all(("not found" in p or "no video files" in p) for p in e.problems), (path, e.problems)
+
+
+def test_inputs_from_a_uri_list_and_from_filesystem_uris(files, archive, tmp_path):
+    listing = tmp_path / "videos.txt"
+    listing.write_text(f"# two videos\n{archive / 'clip0.mp4'}\nclip1.mp4\n")
+    (tmp_path / "clip1.mp4").write_bytes((archive / "clip1.mp4").read_bytes())
+    spec = parse_spec(_yaml(files).replace(f"paths: [{archive}]", f"manifest: {listing}"))
+    assert spec.videos() == sorted([str(archive / "clip0.mp4"), str(tmp_path / "clip1.mp4")])
+    uri_spec = parse_spec(_yaml(files).replace(f"paths: [{archive}]", f"paths: ['file://{archive}']"))
+    assert uri_spec.videos() == sorted(f"file://{archive}/{name}" for name in ("broken.mp4", "clip0.mp4",
+                                                                              "clip1.mp4", "clip2.mp4"))
+    assert _errors(_yaml(files).replace(f"paths: [{archive}]", f"paths: ['file://{tmp_path}/none']")) == [
+        f"pipeline.yaml:2 input.paths.0: not found: file://{tmp_path}/none"]

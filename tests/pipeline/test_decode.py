@@ -272,3 +272,15 @@ def test_long_videos_are_decoded_a_chunk_at_a_time(tmp_path, spec_of):
     long, n_long = peak(80.0)
     assert (n_short, n_long) == (9, 81)
     assert long < short * 1.5, (short, long)  # 10x the video, about the same peak
+
+
+def test_a_filesystem_uri_is_decoded_like_a_path(h264, spec_of):
+    """Decoding goes through pyarrow.fs for URIs (file:// here; s3:// and others take the same path)."""
+    from pipeline.sources import local_path, stat
+
+    uri = f"file://{h264[0]}"
+    rows = list(decode_rows(uri, spec_of(), 32))
+    assert rows[-1]["error_type"] == "" and rows[-1]["n_segments"] == 3 and rows[0]["uri"] == uri
+    assert stat(uri) == stat(h264[0])
+    with local_path(uri) as path:
+        assert path == h264[0]
