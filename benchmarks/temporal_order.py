@@ -1,6 +1,6 @@
 """Does the temporal head learn order? (run by hand; a few minutes on 2 cores)
 
-    python benchmarks/temporal_order.py [--train 400] [--held-out 120] [--epochs 60]
+    python benchmarks/temporal_order.py [--train 3000] [--held-out 120] [--epochs 40]
 
 Generates SynthActions-style clips of six motions, three pairs of which are each other's reverse (left/right,
 up/down, growing/shrinking), with varied sizes, frame rates, durations, colours, shapes and noise. Backbone: a
@@ -32,9 +32,9 @@ def reeltag(*args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--held-out", type=int, default=120)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--image-size", type=int, default=64, help="input size of the random CLIP backbone")
     parser.add_argument("--width", type=int, default=64, help="width of the random CLIP backbone")
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "reeltag-temporal-bench"))

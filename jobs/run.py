@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipeline.config import PipelineSpec
 from pipeline.decode import video_id
 from pipeline.stages import DecodeStage, EncodeStage
@@ -74,11 +76,16 @@ class _RayEncode:
     """Ray actor wrapper: build the stage and load weights once per actor."""
 
     def __init__(self, spec: PipelineSpec):
+        import ray
+
         self.stage = EncodeStage(spec)
         self.stage.setup()
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch):
-        return self.stage(batch)
+        table = self.stage(batch)
+        return table.set_column(table.schema.get_field_index("encoder_node"), "encoder_node",
+                                pa.array([self.node] * table.num_rows, pa.string()))
 
 
 @dataclass
@@ -148,6 +155,7 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         "segments": writer.segments, "wall_s": round(wall, 3),
         "segments_per_s": round(writer.segments / wall, 3) if wall > 0 else 0.0,
         "config_hash": config_hash, "model": model, "videos_by_node": dict(writer.videos_by_node),
+        "segments_by_encoder_node": dict(writer.segments_by_encoder_node),
         "outputs": {"segments": str(out / "segments"), "errors": str(out / "errors")},
     }
     if actions is not None:

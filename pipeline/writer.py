@@ -40,6 +40,7 @@ STREAM_SCHEMA = pa.schema([
     ("region_tags", pa.list_(REGION_TAG)),
     ("backend", pa.string()),
     ("node", pa.string()),  # on "end" rows: the Ray node that decoded the video
+    ("encoder_node", pa.string()),  # the Ray node whose encoder actor handled the row
     ("stage", pa.string()),  # where it failed: decode, encode; empty when it did not
     ("error_type", pa.string()),
     ("message", pa.string()),
@@ -143,7 +144,8 @@ class OutputWriter:
         self._ready: list[dict] = []  # rows of finished videos not yet in a shard
         self.videos_ok = self.videos_failed = self.segments = 0
         self.errors_by_type: dict[str, int] = defaultdict(int)
-        self.videos_by_node: dict[str, int] = defaultdict(int)
+        self.videos_by_node: dict[str, int] = defaultdict(int)  # decode
+        self.segments_by_encoder_node: dict[str, int] = defaultdict(int)
 
     def _remove_uncommitted(self) -> None:
         """Shards (and temporary files) a killed run left without their manifest shard: never read, now gone."""
@@ -185,6 +187,9 @@ class OutputWriter:
             self.videos_ok += 1
         end = next(r for r in rows if r["kind"] == "end")
         self.videos_by_node[end.get("node") or "local"] += 1
+        for r in rows:
+            if r["kind"] == "segment":
+                self.segments_by_encoder_node[r.get("encoder_node") or "local"] += 1
 
     def flush(self) -> None:
         """Commit the finished videos: segments and errors shards, then the manifest shard."""
