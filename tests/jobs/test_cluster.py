@@ -165,3 +165,35 @@ def test_a_mixed_archive_tags_every_good_video_and_records_every_bad_one(config,
                       "truncated.mp4": "truncated", "audio.m4a": "no_video_stream", "still.jpg": "still_image"}
     assert "truncated.mp4" in tagged  # its first half is kept
     assert (summary["videos_ok"], summary["videos_failed"]) == (6, 6) and result.returncode == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_same_command_on_a_cluster(config, clean, tmp_path):
+    """The README's cluster example: `ray start --head`, then `ray job submit --working-dir . -- reeltag run`."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}  # a throwaway loopback cluster; real clusters keep token auth
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    gcs, dashboard = _free_port(), _free_port()
+    subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"], env=env, check=True,
+                   capture_output=True, timeout=180)
+    try:
+        out = tmp_path / "out"
+        job = subprocess.run([ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+                              str(repo), "--", "reeltag", "run", str(config), "--set", f"output.dir={out}"],
+                             env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+        assert job.returncode == 0, job.stdout + job.stderr
+        assert "succeeded" in job.stdout and "10 videos: 10 ok" in job.stdout
+        summary = json.loads((out / "run.json").read_text())
+        assert summary["videos_ok"] == 10
+        assert_same(rows_of(out), clean)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
