@@ -33,7 +33,7 @@ def make_videos(root: Path, n: int, seconds: int) -> list[str]:
     paths = []
     for i in range(n):
         size = "854x480" if i % 2 == 0 else "1280x720"
-        path = root / f"v{i:03d}_{size}.mp4"
+        path = root / f"v{i:03d}_{size}_{seconds}s.mp4"
         if not path.exists():
             subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25",
                             "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast", "-g", "50",
@@ -131,20 +131,26 @@ def main() -> None:
 
     import shutil
 
-    shutil.rmtree(work / "out", ignore_errors=True)
-    config = work / "pipeline.yaml"
-    config.write_text(pipeline_yaml(videos, model, work / "out", vocab))
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config)], check=True, capture_output=True)
-    t_run = time.perf_counter() - started
-    summary = json.loads((work / "out" / "run.json").read_text())
-    a, b, c = n / t_decode, n / t_encode, summary["steady_segments_per_s"]
+    def run_job(inputs: list[str]) -> tuple[float, dict]:
+        shutil.rmtree(work / "out", ignore_errors=True)
+        config = work / "pipeline.yaml"
+        config.write_text(pipeline_yaml(inputs, model, work / "out", vocab))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config)], check=True, capture_output=True)
+        return time.perf_counter() - started, json.loads((work / "out" / "run.json").read_text())
+
+    # Start-up (Ray, the actor loading the model) costs the same for any archive: the archive runs at the
+    # marginal rate, measured as the difference between a run over half the videos and a run over all of them.
+    t_half, half = run_job(videos[: len(videos) // 2])
+    t_all, full = run_job(videos)
+    a, b = n / t_decode, n / t_encode
+    c = (full["segments"] - half["segments"]) / (t_all - t_half)
     print(f"{n} segments of 8 frames from {len(videos)} videos ({args.seconds} s, 480p and 720p H.264), "
-          f"CLIP B/32 ({summary['model'].split('/')[-1]}), dtype auto")
+          f"CLIP B/32 ({full['model'].split('/')[-1]}), dtype auto")
     print(f"(a) decode alone, 1 core:        {a:6.2f} segments/s")
     print(f"(b) encoder alone, 1 thread:     {b:6.2f} segments/s")
-    print(f"(c) reeltag run, embedded Ray:   {c:6.2f} segments/s once the pipeline is full "
-          f"({summary['segments'] / t_run:.2f} counting Ray start-up and model loading, {t_run:.0f} s in all)")
+    print(f"(c) reeltag run, embedded Ray:   {c:6.2f} segments/s marginal ({full['segments'] / t_all:.2f} over the "
+          f"whole {t_all:.0f} s run, Ray start-up and model loading included)")
     print(f"(c) / min(a, b) = {c / min(a, b):.2f} (target >= 0.80)")
 
     if not args.skip_rss:

@@ -125,7 +125,6 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     finished = writer.finished()
     todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in finished]
     progress = Progress(total=len(todo))
-    first = last = None
     if todo:
         with ray_session(spec.ray) as ray:
             ds = ray.data.from_items([{"uri": uri} for uri in todo], override_num_blocks=len(todo))
@@ -139,13 +138,9 @@ def run_pipeline(spec: PipelineSpec) -> dict:
                                 batch_format="numpy", max_restarts=spec.ray.max_retries,
                                 max_task_retries=spec.ray.max_retries)
             # write: on the driver, whole videos per shard, as rows stream in
-            done, first, last = 0, None, None
+            done = 0
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                finished_now = writer.add(table)
-                if finished_now:
-                    first = first or (time.time(), writer.segments)  # the pipeline is full from here on
-                    last = (time.time(), writer.segments)
-                done += len(finished_now)
+                done += len(writer.add(table))
                 if done < len(todo):
                     progress.update(done, writer.segments)
         writer.flush()
@@ -159,9 +154,6 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         "videos_failed": writer.videos_failed, "errors_by_type": dict(writer.errors_by_type),
         "segments": writer.segments, "wall_s": round(wall, 3),
         "segments_per_s": round(writer.segments / wall, 3) if wall > 0 else 0.0,
-        # after the first video is written, start-up (Ray, model loading) is behind: the rate the archive runs at
-        "steady_segments_per_s": round((last[1] - first[1]) / (last[0] - first[0]), 3)
-        if first and last and last[0] > first[0] else None,
         "config_hash": config_hash, "model": model, "videos_by_node": dict(writer.videos_by_node),
         "segments_by_encoder_node": dict(writer.segments_by_encoder_node),
         "outputs": {"segments": str(out / "segments"), "errors": str(out / "errors")},

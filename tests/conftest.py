@@ -44,6 +44,21 @@ def archive(tmp_path_factory) -> Path:
     return root
 
 
+def write_audio_only(path: Path) -> Path:
+    """A valid media file with one AAC audio stream and no video."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        container.mux(stream.encode())
+    return path
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A run that executed no test (everything skipped or deselected) is a failure, not a pass."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

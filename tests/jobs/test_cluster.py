@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.synth import Clip, render, write_video
 from pipeline.writer import read_table
+from tests.conftest import write_audio_only
 
 pytestmark = pytest.mark.slow
 REELTAG = [sys.executable, "-m", "jobs.cli"]
@@ -126,8 +127,6 @@ def test_a_run_killed_with_sigkill_and_run_again_loses_and_duplicates_nothing(co
 
 
 def test_a_mixed_archive_tags_every_good_video_and_records_every_bad_one(config, tmp_path):
-    import av
-
     root = tmp_path / "mixed"
     root.mkdir()
     frames = render(Clip("red", "circle", "moving right", width=64, height=48, fps=15, duration_s=2.0))
@@ -143,13 +142,7 @@ def test_a_mixed_archive_tags_every_good_video_and_records_every_bad_one(config,
     data = (root / "long.mp4").read_bytes()
     (root / "truncated.mp4").write_bytes(data[:len(data) // 2])
     (root / "long.mp4").unlink()
-    with av.open(str(root / "audio.m4a"), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in s.encode(frame):
-            c.mux(packet)
-        c.mux(s.encode())
+    write_audio_only(root / "audio.m4a")
     from PIL import Image
 
     Image.fromarray(frames[0]).save(root / "still.jpg")

@@ -14,6 +14,7 @@ from pipeline.config import parse_spec
 from pipeline.decode import DecodeError, DecordReader, PyAVReader, decode_size, probe
 from pipeline.stages import DecodeStage, decode_rows
 from pipeline.synth import Clip, render, write_video
+from tests.conftest import write_audio_only
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +153,9 @@ def test_bad_input_becomes_one_error_row(tmp_path, spec_of, name):
 
 
 def test_audio_only_and_still_image_files(tmp_path, spec_of):
-    import av
     from PIL import Image
 
-    audio = tmp_path / "audio.m4a"
-    with av.open(str(audio), "w") as c:
-        s = c.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in s.encode(frame):
-            c.mux(packet)
-        c.mux(s.encode())
+    audio = write_audio_only(tmp_path / "audio.m4a")
     image = tmp_path / "photo.jpg"
     Image.fromarray(render(Clip("red", "circle", "growing"))[0]).save(image)
     spec = spec_of()
