@@ -24,8 +24,8 @@ def ray_session(spec: RaySpec):
     try:
         if address:
             ray.init(address=address, **kwargs)
-        else:  # embedded: a local Ray owned by this job
-            ray.init(num_cpus=spec.num_cpus, **kwargs)
+        else:  # embedded: a new local Ray owned by this job, never one a crashed run left behind
+            ray.init(address="local", num_cpus=spec.num_cpus, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded local Ray"
         raise RayStartError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
