@@ -129,14 +129,14 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         with ray_session(spec.ray) as ray:
             ds = ray.data.from_items([{"uri": uri} for uri in todo], override_num_blocks=len(todo))
             # decode: 1 video -> N segment rows (frames [T,H,W,3]) + 1 end row, on CPU tasks
-            ds = ds.flat_map(_decode_on_ray(DecodeStage(spec, short_side=short_side)), num_cpus=spec.ray.decode_cpus,
-                             max_retries=spec.ray.max_retries)
+            # A task or actor whose worker process dies is re-run by Ray (tasks 3 times, actors without limit): the
+            # decoder child process already turns a video's own crash or hang into an errors row.
+            ds = ds.flat_map(_decode_on_ray(DecodeStage(spec, short_side=short_side)), num_cpus=spec.ray.decode_cpus)
             # encode: N segment rows -> N rows with embeddings and tags, on actors that load the model once
             ds = ds.map_batches(_RayEncode, fn_constructor_kwargs={"spec": spec}, batch_size=EncodeStage.batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=spec.ray.encoder_actors),
                                 num_cpus=spec.ray.encoder_cpus, num_gpus=spec.ray.gpus_per_actor or None,
-                                batch_format="numpy", max_restarts=spec.ray.max_retries,
-                                max_task_retries=spec.ray.max_retries)
+                                batch_format="numpy")
             # write: on the driver, whole videos per shard, as rows stream in
             done = 0
             for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

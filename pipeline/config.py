@@ -193,7 +193,6 @@ class RaySpec:
     encoder_cpus: float = field(default=1.0, metadata=_POSITIVE)  # CPUs reserved per encoder actor
     threads_per_actor: int = field(default=1, metadata=_POSITIVE)  # torch threads in each encoder actor
     gpus_per_actor: float = field(default=0.0, metadata=_NON_NEGATIVE)  # GPUs per encoder actor
-    max_retries: int = field(default=3, metadata=_NON_NEGATIVE)  # re-runs of a task or actor whose worker died
     verbose: bool = False  # show Ray's own logs and progress bars
 
 
