@@ -6,13 +6,14 @@ Used by the tests (real encoded files, known content) and by the offline demo.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 230), "yellow": (235, 215, 30)}
 SHAPES = ("circle", "square", "triangle")
+SMALL = (0.02, 0.04)  # the `small` split: the shape is 2-4% of the short side, for the tower's tiles
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
 
 
@@ -27,6 +28,9 @@ class Clip:
     duration_s: float = 2.0  # seconds
     noise: float = 0.0  # background noise amplitude, 0..255
     size: float = 0.3  # shape diameter as a fraction of the short side
+    travel: float = 0.8  # moving: fraction of the free space crossed (the speed); growing/shrinking: size range
+    offset: float = 0.0  # start position across the motion, as a fraction of the free space (-0.5..0.5)
+    crf: int = 18  # H.264 quality when written (higher: more compression artefacts)
     seed: int = 0
 
     @property
@@ -52,10 +56,11 @@ def render(clip: Clip) -> np.ndarray:
         (h, w, 3), 128, np.float32)
     r0 = clip.size * min(h, w) / 2
     frames = []
+    free_x, free_y = max(w - 2 * r0, 0), max(h - 2 * r0, 0)
     for i in range(n):
         p = i / (n - 1)  # progress 0..1
-        cx, cy, r = w / 2, h / 2, r0
-        travel_x, travel_y = (w - 2 * r0) * 0.8, (h - 2 * r0) * 0.8
+        cx, cy, r = w / 2 + clip.offset * free_x, h / 2 + clip.offset * free_y, r0
+        travel_x, travel_y = free_x * clip.travel, free_y * clip.travel
         match clip.motion:
             case "moving left":
                 cx = w / 2 + travel_x * (0.5 - p)
@@ -66,9 +71,9 @@ def render(clip: Clip) -> np.ndarray:
             case "moving down":
                 cy = h / 2 + travel_y * (p - 0.5)
             case "growing":
-                r = r0 * (0.4 + 1.0 * p)
+                r = r0 * (1.2 - clip.travel + clip.travel * 1.25 * p)
             case "shrinking":
-                r = r0 * (1.4 - 1.0 * p)
+                r = r0 * (1.2 + clip.travel * 0.25 - clip.travel * 1.25 * p)
         frame = base.copy()
         frame[_mask(clip.shape, h, w, cx, cy, r)] = COLOURS[clip.colour]
         frames.append(frame.clip(0, 255).astype(np.uint8))
@@ -112,7 +117,14 @@ def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS, frame
                           width=int(width), height=int(height), fps=float(rng.uniform(*fps)),
                           duration_s=float(rng.uniform(*duration_s)), noise=float(rng.uniform(*noise)),
                           size=float(rng.uniform(*size)), seed=int(rng.integers(2**31))))
-    return clips
+    # speed, start position and encoding quality come from each clip's own seed, so adding them left the draws
+    # above (and every data set made before) unchanged
+    varied = []
+    for clip in clips:
+        own = np.random.default_rng(clip.seed)
+        varied.append(replace(clip, travel=float(own.uniform(0.5, 0.9)), offset=float(own.uniform(-0.3, 0.3)),
+                              crf=int(own.integers(18, 31))))
+    return varied
 
 
 def write_clips(directory: str | Path, clips: list[Clip], *, caption=lambda clip: clip.caption) -> Path:
@@ -121,7 +133,8 @@ def write_clips(directory: str | Path, clips: list[Clip], *, caption=lambda clip
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "labels.jsonl", "w") as f:
         for i, clip in enumerate(clips):
-            path = write_video(directory / f"{i:04d}.mp4", render(clip), fps=clip.fps)
+            path = write_video(directory / f"{i:04d}.mp4", render(clip), fps=clip.fps,
+                               options={"crf": clip.crf, "preset": "veryfast"})
             f.write(json.dumps({**asdict(clip), "uri": str(path), "start_s": 0.0, "end_s": clip.duration_s,
                                 "caption": caption(clip)}) + "\n")
     return directory / "labels.jsonl"

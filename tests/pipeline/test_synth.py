@@ -1,0 +1,39 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.synth import MOTIONS, SMALL, Clip, render, sample_clips, write_clips
+
+REVERSES = [("moving left", "moving right"), ("moving up", "moving down"), ("growing", "shrinking")]
+
+
+@pytest.mark.parametrize("a,b", REVERSES)
+def test_paired_motions_are_each_others_time_reverse(a, b):
+    kwargs = dict(colour="blue", shape="triangle", travel=0.6, offset=-0.2, noise=10.0, seed=3)
+    assert np.array_equal(render(Clip(motion=a, **kwargs)), render(Clip(motion=b, **kwargs))[::-1])
+
+
+def test_sampled_clips_are_deterministic_balanced_and_varied():
+    clips = sample_clips(24, seed=5)
+    assert clips == sample_clips(24, seed=5) and clips != sample_clips(24, seed=6)
+    assert [c.motion for c in clips[:6]] == list(MOTIONS)
+    assert len({c.travel for c in clips}) == 24 and len({c.crf for c in clips}) > 3
+    assert all(18 <= c.crf <= 30 and -0.3 <= c.offset <= 0.3 and 24 <= c.fps <= 30 for c in clips)
+
+
+def test_small_split_objects_are_2_to_4_percent_of_the_short_side():
+    for clip in sample_clips(8, seed=0, size=SMALL, noise=(0.0, 0.0), motions=MOTIONS[:4]):  # constant size
+        first = render(clip)[0]
+        painted = (first != 128).any(axis=-1)
+        ys, xs = np.nonzero(painted)
+        extent = max(np.ptp(ys), np.ptp(xs)) + 1
+        assert 0.01 * min(clip.width, clip.height) <= extent <= 0.05 * min(clip.width, clip.height) + 2
+
+
+def test_write_clips_writes_videos_and_a_manifest(tmp_path):
+    manifest = write_clips(tmp_path, sample_clips(2, seed=1, duration_s=(1.0, 1.0)))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [r["caption"] for r in rows] == [f"a {r['colour']} {r['shape']} {r['motion']}" for r in rows]
+    assert all((tmp_path / f"{i:04d}.mp4").stat().st_size > 0 for i in range(2))
+    assert {"uri", "start_s", "end_s", "travel", "offset", "crf"} <= rows[0].keys()
