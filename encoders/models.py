@@ -96,6 +96,14 @@ class AlignEncoder(ImageTextEncoder):
         return float(1.0 / self.model.temperature.detach())
 
 
+def _load_error(family: str, pretrained: str, e: Exception) -> ModelLoadError:
+    where = "directory" if os.path.isdir(os.path.expanduser(pretrained)) else "hub id"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ModelLoadError(f"cannot load the {family} checkpoint {pretrained!r} ({where}): {first}. Set "
+                          "model.pretrained to a local directory saved with save_pretrained, or make the hub "
+                          "reachable (model.local_files_only: false)")
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on GPUs and on CPUs with native bf16 matmul (AVX512_BF16 or AMX), else fp32."""
     if dtype != "auto":
@@ -134,12 +142,7 @@ def _create_hf(cls: type[ImageTextEncoder], model_cls, *, pretrained: str, local
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         processor, _ = ImageProcessingMixin.get_image_processor_dict(source, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
-        where = "directory" if os.path.isdir(source) else "hub id"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"cannot load the {cls.family} checkpoint {pretrained!r} ({where}): {first}. Set model.pretrained to a "
-            f"local directory saved with save_pretrained, or make the hub reachable (model.local_files_only: false)"
-        ) from None
+        raise _load_error(cls.family, pretrained, e) from None
     target = resolve_device(device)
     model = model.to(device=target, dtype=resolve_dtype(dtype, target))
     return cls(model, tokenizer, PreprocessCfg.from_processor_dict(processor), name=pretrained)
@@ -190,7 +193,5 @@ def checkpoint_preprocess(*, family: str, pretrained: str, local_files_only: boo
         config_cls.from_pretrained(source, local_files_only=local_files_only)
         processor, _ = ImageProcessingMixin.get_image_processor_dict(source, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load the {family} checkpoint {pretrained!r}: {first}. Set model.pretrained to a "
-                             f"local directory saved with save_pretrained, or a reachable hub id") from None
+        raise _load_error(family, pretrained, e) from None
     return PreprocessCfg.from_processor_dict(processor)

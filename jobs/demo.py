@@ -17,8 +17,8 @@ DEMO_CLIPS = [
 ]
 
 
-def _prepare(root: Path) -> tuple[Path, Path, bool]:
-    """Videos (plus one broken file, to show the errors table) and the model; True if the model is a placeholder."""
+def _prepare(root: Path) -> tuple[Path, Path]:
+    """Videos (plus one broken file, to show the errors table) and the placeholder model."""
     videos = root / "videos"
     if not (videos / "labels.jsonl").exists():
         write_clips(videos, DEMO_CLIPS)
@@ -29,7 +29,7 @@ def _prepare(root: Path) -> tuple[Path, Path, bool]:
 
         vocab = (CONFIG.parent / "vocab" / "synth_actions.txt").read_text().splitlines()
         save_tiny(model, family="clip", words=tuple(line for line in vocab if not line.startswith("#")))
-    return videos, model, True
+    return videos, model
 
 
 def run_demo(directory: str) -> int:
@@ -37,10 +37,9 @@ def run_demo(directory: str) -> int:
     from .run import run_pipeline
 
     root = Path(directory).resolve()
-    videos, model, placeholder = _prepare(root)
-    if placeholder:
-        print("note: the trained demo model is not in this checkout yet; using a tiny RANDOM CLIP built locally "
-              f"({model}), so the tags below are not meaningful.")
+    videos, model = _prepare(root)
+    print("note: the trained demo model is not in this checkout yet; using a tiny RANDOM CLIP built locally "
+          f"({model}), so the tags below are not meaningful.")
     spec = load_spec(CONFIG, [f"input.paths=[{videos}]", f"model.pretrained={model}", f"output.dir={root / 'out'}",
                               f"tags.vocabulary={CONFIG.parent / 'vocab' / 'synth_actions.txt'}"])
     summary = run_pipeline(spec)

@@ -3,6 +3,7 @@ frame embeddings are computed once per manifest and cached under ``output.dir/ca
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import PipelineSpec
+from pipeline.config import ModelSpec, PipelineSpec, TowerSpec
 from pipeline.manifest import LabelledClip, read_manifest
 
 
@@ -23,9 +24,14 @@ class TrainError(RuntimeError):
 
 
 def _encoder(spec: PipelineSpec):
+    """The encoder and tower, loaded once per process (train embeds frames and texts, maybe of two manifests)."""
+    return _load_encoder(spec.model, spec.tower)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoder(m: ModelSpec, t: TowerSpec):
     from encoders import HierarchicalTower, create_encoder
 
-    m, t = spec.model, spec.tower
     encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only, dtype=m.dtype,
                              device=m.device)
     return encoder, HierarchicalTower(encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
@@ -85,13 +91,11 @@ def frame_embeddings(spec: PipelineSpec, clips: list[LabelledClip], *, log=print
 
 def text_embeddings(spec: PipelineSpec, clips: list[LabelledClip]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Unique texts, their embeddings ``[Q,D]`` (labels prompt-ensembled, captions as written), group per clip."""
-    from encoders import Vocabulary, create_encoder, label_embeddings
+    from encoders import Vocabulary, label_embeddings
 
     texts = list(dict.fromkeys(c.text for c in clips))
     is_label = {c.text: c.is_label for c in clips}
-    m = spec.model
-    encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only, dtype=m.dtype,
-                             device=m.device)
+    encoder = _encoder(spec)[0]
     emb = []
     for text in texts:
         if is_label[text]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -141,7 +141,9 @@ class OutputWriter:
             (self.out_dir / name).mkdir(parents=True, exist_ok=True)
         self._remove_uncommitted()
         self._rows: dict[str, list[dict]] = defaultdict(list)  # video_id -> its rows so far
+        self._ends: dict[str, dict] = {}  # video_id -> its end row, once it has arrived
         self._ready: list[dict] = []  # rows of finished videos not yet in a shard
+        self._ready_segments = 0  # segment rows among them
         self.videos_ok = self.videos_failed = self.segments = 0
         self.errors_by_type: dict[str, int] = defaultdict(int)
         self.videos_by_node: dict[str, int] = defaultdict(int)  # decode
@@ -165,18 +167,21 @@ class OutputWriter:
         """Take a batch of stream rows; return the ids of the videos it completed."""
         completed = []
         for row in table.to_pylist():
-            rows = self._rows[row["video_id"]]
-            rows.append(row)
-            end = next((r for r in rows if r["kind"] == "end"), None)
-            if end is not None and len(rows) == end["n_segments"] + 1:
-                self._ready.extend(self._rows.pop(row["video_id"]))
-                self._count(rows)
-                completed.append(row["video_id"])
-        if sum(r["kind"] == "segment" for r in self._ready) >= self.shard_rows:
+            vid = row["video_id"]
+            self._rows[vid].append(row)
+            if row["kind"] == "end":
+                self._ends[vid] = row
+            if vid in self._ends and len(self._rows[vid]) == self._ends[vid]["n_segments"] + 1:
+                rows, end = self._rows.pop(vid), self._ends.pop(vid)
+                self._ready.extend(rows)
+                self._ready_segments += end["n_segments"]
+                self._count(rows, end)
+                completed.append(vid)
+        if self._ready_segments >= self.shard_rows:
             self.flush()
         return completed
 
-    def _count(self, rows: list[dict]) -> None:
+    def _count(self, rows: list[dict], end: dict) -> None:
         failures = [r for r in rows if r["error_type"]]
         self.segments += sum(r["kind"] == "segment" and not r["error_type"] for r in rows)
         if failures:
@@ -185,7 +190,6 @@ class OutputWriter:
                 self.errors_by_type[r["error_type"]] += 1
         else:
             self.videos_ok += 1
-        end = next(r for r in rows if r["kind"] == "end")
         self.videos_by_node[end.get("node") or "local"] += 1
         for r in rows:
             if r["kind"] == "segment":
@@ -206,15 +210,16 @@ class OutputWriter:
             write_atomic(pa.Table.from_pylist([{**r, **common} for r in good], schema=SEGMENTS_SCHEMA),
                          self.out_dir / "segments" / name)
         now, manifest = time.time(), []
+        segments_of = Counter(r["video_id"] for r in good)
+        failed_ids = {r["video_id"] for r in bad}
         for end in (r for r in self._ready if r["kind"] == "end"):
-            n = sum(r["video_id"] == end["video_id"] and not r["error_type"] for r in good)
-            failed = any(r["video_id"] == end["video_id"] for r in bad)
+            n, failed = segments_of[end["video_id"]], end["video_id"] in failed_ids
             manifest.append({"video_id": end["video_id"], "uri": end["uri"],
                              "fingerprint": self.fingerprints.get(end["uri"], ""), **common, "n_segments": n,
                              "status": ("partial" if n else "failed") if failed else "ok",
                              "node": end.get("node") or "", "committed_at": now})
         write_atomic(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), self.out_dir / "manifest" / name)
-        self._ready = []
+        self._ready, self._ready_segments = [], 0
 
     def unfinished(self) -> list[str]:
         """Videos with rows but no complete set (only after a failure upstream)."""

@@ -45,7 +45,7 @@ def reeltag(*args) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
-def test_a_clip_and_its_reverse_are_identical_under_mean_pooling(motion_set):
+def test_a_clip_and_its_reverse_are_identical_under_mean_pooling():
     frames = torch.randn(1, 8, 16)
     assert torch.allclose(mean_pool(frames), mean_pool(frames.flip(1)), atol=1e-6)
 
