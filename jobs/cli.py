@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("query", help='what to find, e.g. "a person opening a car door"')
     search.add_argument("--top-k", type=int, default=10, help="results to return")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
+    report = sub.add_parser("report", help="write one self-contained HTML file that summarises an output directory")
+    report.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
+    report.add_argument("--out", help="where to write the HTML (default: OUTPUT_DIR/report.html)")
     demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
     demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
     return parser
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.dir)
         if args.command == "search":
             return _search(args)
+        if args.command == "report":
+            return _report(args)
         spec = load_spec(args.config, args.overrides)
         if args.command == "validate":
             print(summary_line(spec))
@@ -104,6 +109,18 @@ def _search(args) -> int:
         print(f"reeltag search: the query cannot be embedded: {e}", file=sys.stderr)
         return 1
     print(json.dumps(results, indent=2) if args.json else format_results(results))
+    return 0
+
+
+def _report(args) -> int:
+    from .report import ReportError, write_report
+
+    try:
+        path = write_report(args.output_dir, args.out)
+    except (ReportError, OSError) as e:
+        print(f"reeltag report: the report could not be written: {e}", file=sys.stderr)
+        return 1
+    print(path)
     return 0
 
 
