@@ -5,13 +5,14 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean demo-model
 
 demo: $(VENV)/.installed
 	$(BIN)/reeltag demo
 
 test: $(VENV)/.installed
 	@command -v ffmpeg >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null; } || echo "ffmpeg CLI missing: its tests will be skipped"
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || echo "headless Chromium missing: the report rendering test will be skipped"
 	$(BIN)/python -m pytest -q
 
 install: $(VENV)/.installed
@@ -21,6 +22,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
+
+# Retrains the committed demo model from scratch (about 30 min on 2 cores); see README "The demo model".
+demo-model: $(VENV)/.installed
+	$(BIN)/reeltag synth runs/synthactions/train --clips 6000 --seed 1
+	$(BIN)/reeltag synth runs/synthactions/val --clips 600 --seed 2
+	$(BIN)/reeltag train configs/train_synthactions.yaml
+	mkdir -p models/synthactions && cp runs/synthactions/out/model/* models/synthactions/
 
 clean:
 	rm -rf $(VENV) reeltag-demo

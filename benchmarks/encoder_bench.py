@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from encoders import ClipEncoder, HierarchicalTower, PreprocessCfg  # noqa: E402
+from encoders import ClipEncoder, HierarchicalTower  # noqa: E402
 from encoders.models import resolve_dtype  # noqa: E402
 
 
@@ -89,8 +89,9 @@ def main() -> None:
     model = base.to(auto)
     with __import__("tempfile").TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer(*map(str, _clip_bpe_files(("person", "opening", "car", "door"), Path(tmp))))
-    cfg = PreprocessCfg(short_side=224, size=None, crop=(224, 224), mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
-    encoder = ClipEncoder(model, tokenizer, cfg, name="bench-b32")
+    processor = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
+                 "image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
+    encoder = ClipEncoder(model, tokenizer, processor, name="bench-b32")
     prompts = [f"a video of a person opening a car door number {i}" for i in range(64)]
     sec = timed(lambda: encoder.encode_text(prompts), 3)
     print(f"text: {len(prompts) / sec:.0f} prompts/s (batch 64, 1 thread, {auto})")

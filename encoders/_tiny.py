@@ -43,22 +43,26 @@ def _words(words: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def build_tiny_clip(*, seed: int = 0, words: tuple[str, ...] = (), image_size: int = 32, width: int = 32,
-                    layers: int = 2, embed_dim: int = 16):
-    """Random CLIPModel + CLIPTokenizer + CLIPImageProcessor; ``words`` get whole-word tokens."""
+                    layers: int = 2, embed_dim: int = 16, patch_size: int | None = None, heads: int = 2,
+                    mlp_ratio: int = 2, text_layers: int | None = None, squash: bool = False):
+    """Random CLIPModel + CLIPTokenizer + CLIPImageProcessor; ``words`` get whole-word tokens. ``squash``: the
+    processor resizes whole frames to the square input (no centre crop), as the demo model does."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer(*map(str, _clip_bpe_files(_words(words), Path(tmp))))
-    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                num_attention_heads=2, max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(image_size=image_size, patch_size=image_size // 4, hidden_size=width, intermediate_size=2 * width,
-                  num_hidden_layers=layers, num_attention_heads=2)
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=mlp_ratio * width,
+                num_hidden_layers=text_layers or layers, num_attention_heads=heads, max_position_embeddings=32,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=image_size, patch_size=patch_size or image_size // 4, hidden_size=width,
+                  intermediate_size=mlp_ratio * width, num_hidden_layers=layers, num_attention_heads=heads)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=embed_dim)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                   crop_size={"height": image_size, "width": image_size})
+    square = {"height": image_size, "width": image_size}
+    processor = CLIPImageProcessor(size=square, do_center_crop=False, crop_size=square) if squash else \
+        CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=square)
     return model, tokenizer, processor
 
 
@@ -96,14 +100,15 @@ def _quiet_transformers() -> None:
 
 
 def save_tiny(directory: str | Path, *, family: str = "clip", seed: int = 0, words: tuple[str, ...] = (),
-              **sizes) -> Path:
+              weights: bool = True, **sizes) -> Path:
     """Build a tiny random checkpoint of ``family`` and ``save_pretrained`` it (weights as safetensors);
-    ``sizes`` go to the builder (e.g. ``width``, ``embed_dim``, ``image_size``)."""
+    ``sizes`` go to the builder (e.g. ``width``, ``embed_dim``, ``image_size``). ``weights=False`` writes only the
+    architecture, tokenizer and preprocessing: what ``train.backbone: scratch`` starts from."""
     _quiet_transformers()
     build = {"clip": build_tiny_clip, "align": build_tiny_align}[family]
     model, tokenizer, processor = build(seed=seed, words=words, **sizes)
     directory = Path(directory)
-    model.save_pretrained(directory)
+    (model if weights else model.config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory

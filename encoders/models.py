@@ -8,6 +8,7 @@ with ``from_pretrained`` (hub id or local directory), never with ``trust_remote_
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -26,11 +27,12 @@ class ImageTextEncoder(nn.Module):
 
     family = ""
 
-    def __init__(self, model: nn.Module, tokenizer, preprocess_cfg: PreprocessCfg, *, name: str):
+    def __init__(self, model: nn.Module, tokenizer, processor: dict, *, name: str):
         super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.preprocess_cfg = preprocess_cfg
+        self.processor = processor  # the checkpoint's preprocessor_config.json values
+        self.preprocess_cfg = PreprocessCfg.from_processor_dict(processor)
         self.name = name
 
     @property
@@ -48,13 +50,29 @@ class ImageTextEncoder(nn.Module):
     @torch.inference_mode()
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels ``[N,3,R,R]`` -> image embeddings ``[N,D]`` (float32, not L2-normalised)."""
-        return self._image(pixels.to(self.device, self.dtype)).float()
+        return self.embed_images(pixels)
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Strings -> text embeddings ``[L,D]`` (float32, not L2-normalised)."""
+        return self.embed_texts(texts)
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_features` with gradients (training the model)."""
+        return self._image(pixels.to(self.device, self.dtype)).float()
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """:meth:`encode_text` with gradients (training the model)."""
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         return self._text(tokens).float()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Weights (safetensors), config, tokenizer and preprocessing values: a directory ``from_pretrained``
+        loads like any hub checkpoint."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+            json.dump(self.processor, f, indent=2)
 
     def _image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -130,7 +148,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _create_hf(cls: type[ImageTextEncoder], model_cls, *, pretrained: str, local_files_only: bool = False,
-               dtype: str = "auto", device: str = "auto") -> ImageTextEncoder:
+               dtype: str = "auto", device: str = "auto", scratch: bool = False) -> ImageTextEncoder:
+    """``scratch``: the checkpoint's architecture, tokenizer and preprocessing, with freshly initialised weights
+    (its directory needs no weights file): how a model is trained from nothing."""
     from transformers import AutoTokenizer
     from transformers.image_processing_utils import ImageProcessingMixin
     from transformers.utils import logging
@@ -138,14 +158,17 @@ def _create_hf(cls: type[ImageTextEncoder], model_cls, *, pretrained: str, local
     logging.disable_progress_bar()
     source = os.path.expanduser(pretrained)
     try:
-        model = model_cls.from_pretrained(source, local_files_only=local_files_only)
+        if scratch:
+            model = model_cls(model_cls.config_class.from_pretrained(source, local_files_only=local_files_only))
+        else:
+            model = model_cls.from_pretrained(source, local_files_only=local_files_only)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         processor, _ = ImageProcessingMixin.get_image_processor_dict(source, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise _load_error(cls.family, pretrained, e) from None
     target = resolve_device(device)
     model = model.to(device=target, dtype=resolve_dtype(dtype, target))
-    return cls(model, tokenizer, PreprocessCfg.from_processor_dict(processor), name=pretrained)
+    return cls(model, tokenizer, processor, name=pretrained)
 
 
 @register_encoder
@@ -170,7 +193,7 @@ def tiny_clip(*, seed: int = 0, words: tuple[str, ...] = ()) -> ClipEncoder:
     from ._tiny import build_tiny_clip
 
     model, tokenizer, processor = build_tiny_clip(seed=seed, words=words)
-    return ClipEncoder(model, tokenizer, PreprocessCfg.from_processor_dict(processor.to_dict()), name="tiny_clip")
+    return ClipEncoder(model, tokenizer, processor.to_dict(), name="tiny_clip")
 
 
 @register_encoder
@@ -179,7 +202,7 @@ def tiny_align(*, seed: int = 0, words: tuple[str, ...] = ()) -> AlignEncoder:
     from ._tiny import build_tiny_align
 
     model, tokenizer, processor = build_tiny_align(seed=seed, words=words)
-    return AlignEncoder(model, tokenizer, PreprocessCfg.from_processor_dict(processor.to_dict()), name="tiny_align")
+    return AlignEncoder(model, tokenizer, processor.to_dict(), name="tiny_align")
 
 
 def checkpoint_preprocess(*, family: str, pretrained: str, local_files_only: bool = False) -> PreprocessCfg:

@@ -44,6 +44,11 @@ class PreprocessCfg:
         )
 
     @property
+    def squashes(self) -> bool:
+        """The whole frame is resized to the backbone's square (no centre crop, aspect not kept)."""
+        return self.size is not None and self.crop == self.size
+
+    @property
     def resolution(self) -> int:
         """The backbone's square input side in pixels."""
         return self.crop[0]
@@ -72,13 +77,18 @@ def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def preprocess(frames: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
     """uint8 ``[N,H,W,3]`` -> normalised float32 ``[N,3,h,w]`` ready for the backbone."""
+    return normalise(resize_crop(frames, cfg), cfg)
+
+
+def resize_crop(frames: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
+    """uint8 ``[N,H,W,3]`` -> the backbone's view ``[N,3,h,w]``, float with integer values 0..255 (exactly
+    representable as uint8: training caches it)."""
     x = rearrange(frames, "n h w c -> n c h w").float()
     if cfg.size is not None:
         x = F.interpolate(x, size=cfg.size, mode="bicubic", antialias=True, align_corners=False)
     else:
         x = resize_short_side(x, cfg.short_side)
-    x = center_crop(x.clamp_(0, 255).round_(), *cfg.crop)  # PIL rounds the resized image back to uint8
-    return normalise(x, cfg)
+    return center_crop(x.clamp_(0, 255).round_(), *cfg.crop)  # PIL rounds the resized image back to uint8
 
 
 def normalise(x: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Level 1 is the whole frame at the backbone's resolution R (exactly the plain backbone); level 2 is a 2x2 grid
 of slightly overlapping R-sized tiles cut from the frame's centre square at about 2R; level 3 a 4x4 grid at
-about 4R. Tiles let a small or off-centre action fill a backbone input. ``fine_frames`` limits the levels >= 2
-to some frames of a segment, since they cost 4x and 16x the whole frame.
+about 4R. (A checkpoint that squashes the whole frame to its square, without a centre crop, gets tiles over the
+whole frame, squashed the same way.) Tiles let a small or off-centre action fill a backbone input.
+``fine_frames`` limits the levels >= 2 to some frames of a segment, since they cost 4x and 16x the whole frame.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ def _grid(level: int, overlap: float) -> tuple[int, float]:
     return g, g - (g - 1) * overlap
 
 
-def level_boxes(level: int, height: int, width: int, overlap: float = 0.0) -> torch.Tensor:
-    """Normalised xyxy boxes ``[g*g, 4]`` of a level's views on a ``height x width`` frame, row-major."""
+def level_boxes(level: int, height: int, width: int, overlap: float = 0.0, *, squash: bool = False) -> torch.Tensor:
+    """Normalised xyxy boxes ``[g*g, 4]`` of a level's views on a ``height x width`` frame, row-major: over the
+    centre square, or over the whole frame when the checkpoint squashes frames to its square (``squash``)."""
     g, span = _grid(level, overlap)
-    side = min(height, width)
-    x0, y0 = (width - side) / 2 / width, (height - side) / 2 / height
-    tile_x, tile_y = side / width / span, side / height / span  # one tile, in frame units
+    side_x, side_y = (width, height) if squash else (min(height, width),) * 2
+    x0, y0 = (width - side_x) / 2 / width, (height - side_y) / 2 / height
+    tile_x, tile_y = side_x / width / span, side_y / height / span  # one tile, in frame units
     step_x, step_y = tile_x * (1 - overlap), tile_y * (1 - overlap)
     return torch.tensor([[x0 + j * step_x, y0 + i * step_y, x0 + j * step_x + tile_x, y0 + i * step_y + tile_y]
                          for i in range(g) for j in range(g)])
@@ -73,18 +75,22 @@ class HierarchicalTower(nn.Module):
     def tile_views(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Levels >= 2 -> pixels ``[N,V',3,R,R]``, boxes ``[V',4]``, level ids ``[V']`` (V' may be 0)."""
         cfg = self.encoder.preprocess_cfg
-        r = cfg.resolution
+        r, squash = cfg.resolution, cfg.squashes
         views, boxes, level_ids = [], [], []
         for level in (lv for lv in self.levels if lv > 1):
             g, span = _grid(level, self.overlap)
             side, step = round(span * r), round((1 - self.overlap) * r)
             x = rearrange(frames, "n h w c -> n c h w").float()
-            x = center_crop(resize_short_side(x, side), side, side).clamp_(0, 255).round_()
+            if squash:  # tiles divide exactly what level 1 sees
+                x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+            else:
+                x = center_crop(resize_short_side(x, side), side, side)
+            x = x.clamp_(0, 255).round_()
             tiles = torch.stack([x[..., i * step:i * step + r, j * step:j * step + r]
                                  for i in range(g) for j in range(g)], dim=1)  # [N, g*g, 3, R, R]
             views.append(rearrange(normalise(rearrange(tiles, "n v c h w -> (n v) c h w"), cfg),
                                    "(n v) c h w -> n v c h w", v=g * g))
-            boxes.append(level_boxes(level, frames.shape[1], frames.shape[2], self.overlap))
+            boxes.append(level_boxes(level, frames.shape[1], frames.shape[2], self.overlap, squash=squash))
             level_ids += [level] * g * g
         if not views:
             return frames.new_zeros((len(frames), 0, 3, r, r), dtype=torch.float32), torch.zeros(0, 4), \
@@ -98,7 +104,7 @@ class HierarchicalTower(nn.Module):
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> fused ``[N,D]``, regions ``[F,V,D]`` (global view first), boxes ``[V,4]``, fine frame index ``[F]``."""
         n, cfg = len(frames), self.encoder.preprocess_cfg
-        whole_box = level_boxes(1, frames.shape[1], frames.shape[2])
+        whole_box = level_boxes(1, frames.shape[1], frames.shape[2], squash=cfg.squashes)
         fine = self.fine_index(n)
         tiles, boxes, level_ids = self.tile_views(frames[fine])
         # every view of the segment in one backbone pass: whole frames first, then the tiles of the fine frames

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from pipeline.config import ConfigError, PipelineSpec, load_spec
+from pipeline.synth import SPLITS, sample_clips, write_clips
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write one self-contained HTML file that summarises an output directory")
     report.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
     report.add_argument("--out", help="where to write the HTML (default: OUTPUT_DIR/report.html)")
+    synth = sub.add_parser("synth", help="generate SynthActions clips and their labels.jsonl (train/eval manifest)")
+    synth.add_argument("directory", help="where to write NNNN.mp4 and labels.jsonl")
+    synth.add_argument("--clips", type=int, default=600, help="how many clips (motions cycle: balanced classes)")
+    synth.add_argument("--seed", type=int, default=0, help="the data set is a function of the seed")
+    synth.add_argument("--split", choices=sorted(SPLITS), default="actions",
+                       help="actions: sizes 8-45%% of the short side; small: 2-4%%, larger frames (for the tower)")
     demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
     demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
     return parser
@@ -56,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             return _search(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "synth":
+            if args.clips <= 0:
+                print("reeltag: --clips must be positive", file=sys.stderr)
+                return 2
+            labels = write_clips(args.directory, sample_clips(args.clips, seed=args.seed, **SPLITS[args.split]))
+            print(f"{args.clips} {args.split} clips and {labels}")
+            return 0
         spec = load_spec(args.config, args.overrides)
         if args.command == "validate":
             print(summary_line(spec))
@@ -139,8 +153,10 @@ def _train_or_eval(command: str, spec: PipelineSpec) -> int:
         print(f"reeltag {command}: the job could not run: {e}", file=sys.stderr)
         return 1
     if command == "train":
+        what = "head" if result.get("backbone", "frozen") == "frozen" else "model and head"
+        use = "" if what == "head" else f"--set model.pretrained={result['checkpoint']} "
         print(f"reeltag train: {result['clips']} clips, {result['epochs']} epochs in {result['seconds']} s; "
-              f"head saved to {result['checkpoint']}\n  use it with: --set temporal.pooling=attention "
+              f"{what} saved to {result['checkpoint']}\n  use it with: {use}--set temporal.pooling=attention "
               f"--set temporal.checkpoint={result['checkpoint']}")
         print("training clips:\n" + format_metrics(result["train"]))
         if "eval" in result:

@@ -38,55 +38,75 @@ def _load_encoder(m: ModelSpec, t: TowerSpec):
                                       fine_frames=t.fine_frames, overlap=t.tile_overlap)
 
 
-def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], short_side: int) -> str:
+def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int, detail: str) -> str:
     files = {c.uri: (os.path.getsize(c.uri), os.path.getmtime(c.uri)) if os.path.exists(c.uri) else None
              for c in clips}
-    parts = [[(c.uri, c.start_s, c.end_s) for c in clips], sorted(files.items()), spec.model_id(),
-             str(spec.tower), spec.sampling.frames, short_side, spec.model.dtype]
+    parts = [[(c.uri, c.start_s, c.end_s) for c in clips], sorted(files.items()), spec.sampling.frames, short_side,
+             spec.decode.backend, kind, detail]
+    if kind == "frames":  # embeddings depend on the model; pixels only on its preprocessing (short_side, detail)
+        parts += [spec.model_id(), str(spec.tower), spec.model.dtype]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def frame_embeddings(spec: PipelineSpec, clips: list[LabelledClip], *, log=print):
-    """``[N,T,D]`` fused frame embeddings, times ``[N,T]``, and which clips decoded; cached on disk."""
+def _per_clip(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int, transform, *,
+              detail: str = "", log):
+    """``transform(uint8 [T,H,W,3]) -> [T,...]`` of each clip's sampled frames, stacked ``[N,T,...]``, with
+    the frames' times ``[N,T]`` and which clips decoded; cached on disk under ``output.dir/cache``."""
     from safetensors.torch import load_file, save_file
 
     from pipeline.decode import DecodeError, decode_span
 
-    from .run import decode_short_side
-
-    short_side = decode_short_side(spec)
-    path = Path(spec.output.dir) / "cache" / f"frames-{_cache_key(spec, clips, short_side)}.safetensors"
+    path = Path(spec.output.dir) / "cache" / f"{kind}-{_cache_key(spec, clips, kind, short_side, detail)}.safetensors"
     if path.exists():
         cached = load_file(path)
-        return cached["frames"], cached["times"], cached["ok"].bool()
+        return cached[kind], cached["times"], cached["ok"].bool()
     torch.set_num_threads(os.cpu_count() or 1)
-    _, tower = _encoder(spec)
-    t, frames, times, ok = spec.sampling.frames, [], [], []
+    t, values, times, ok = spec.sampling.frames, [], [], []
     started = time.monotonic()
     for i, clip in enumerate(clips):
         try:
             pixels, stamps = decode_span(clip.uri, clip.start_s, clip.end_s, t, short_side,
                                          backend=spec.decode.backend)
             with torch.inference_mode():
-                frames.append(tower(torch.from_numpy(pixels))[0])
+                values.append(transform(torch.from_numpy(pixels)))
             times.append(torch.as_tensor(stamps, dtype=torch.float32))
             ok.append(True)
         except DecodeError as e:
             log({"skipped": clip.uri, "error_type": e.error_type, "message": str(e)})
-            frames.append(None)
+            values.append(None)
             times.append(torch.zeros(t))
             ok.append(False)
-        if (i + 1) % 100 == 0:
-            log({"embedded_clips": i + 1, "of": len(clips), "seconds": round(time.monotonic() - started, 1)})
-    dim = next((f.shape[-1] for f in frames if f is not None), None)
-    if dim is None:
+        if (i + 1) % 500 == 0:
+            log({f"{kind}_clips": i + 1, "of": len(clips), "seconds": round(time.monotonic() - started, 1)})
+    like = next((v for v in values if v is not None), None)
+    if like is None:
         raise TrainError("no clip of the manifest could be decoded")
-    stacked = torch.stack([f if f is not None else torch.zeros(t, dim) for f in frames]).float()
-    result = {"frames": stacked.contiguous(), "times": torch.stack(times), "ok": torch.tensor(ok, dtype=torch.uint8)}
+    stacked = torch.stack([v if v is not None else torch.zeros_like(like) for v in values])
+    result = {kind: stacked.contiguous(), "times": torch.stack(times), "ok": torch.tensor(ok, dtype=torch.uint8)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(result, path.with_name(f".{path.name}.tmp"))
     os.replace(path.with_name(f".{path.name}.tmp"), path)
-    return result["frames"], result["times"], result["ok"].bool()
+    return result[kind], result["times"], result["ok"].bool()
+
+
+def frame_embeddings(spec: PipelineSpec, clips: list[LabelledClip], *, log=print):
+    """``[N,T,D]`` fused frame embeddings (float32), times ``[N,T]``, and which clips decoded; cached."""
+    from .run import decode_short_side
+
+    tower = _encoder(spec)[1]
+    frames, times, ok = _per_clip(spec, clips, "frames", decode_short_side(spec), lambda x: tower(x)[0].float(),
+                                  log=log)
+    return frames, times, ok
+
+
+def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg, *, log=print):
+    """``[N,T,3,R,R]`` uint8: each sampled frame as the backbone sees it (the checkpoint's resize and crop, before
+    normalisation), times ``[N,T]``, and which clips decoded; cached. What end-to-end training reads."""
+    from encoders.preprocess import resize_crop
+
+    short_side = cfg.short_side or max(cfg.size)
+    return _per_clip(spec, clips, "pixels", short_side, lambda x: resize_crop(x, cfg).to(torch.uint8),
+                     detail=f"{cfg.size} {cfg.crop}", log=log)
 
 
 def text_embeddings(spec: PipelineSpec, clips: list[LabelledClip]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -147,7 +167,7 @@ def _log_to(path: Path):
 
 
 def run_train(spec: PipelineSpec) -> dict:
-    from temporal.train import HeadShape, TrainSettings, fit
+    from temporal.train import HeadShape, fit
 
     if not spec.train.manifest:
         raise TrainError("train.manifest is not set: point it at a .jsonl/.csv of labelled clips")
@@ -155,11 +175,11 @@ def run_train(spec: PipelineSpec) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = _log_to(out / "train_log.jsonl")
     torch.manual_seed(spec.train.seed)
+    if spec.train.backbone != "frozen":
+        return _run_train_model(spec, out, log)
     data, texts, text_emb = load_clips(spec, spec.train.manifest, log=log)
     held_out = load_clips(spec, spec.train.eval_manifest, log=log) if spec.train.eval_manifest else None
-    tr = spec.train
-    settings = TrainSettings(loss=tr.loss, epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr,
-                             weight_decay=tr.weight_decay, seed=tr.seed)
+    tr, settings = spec.train, _settings(spec)
     shape = HeadShape(dim=data.frames.shape[-1], heads=tr.heads, layers=tr.layers)
     started = time.monotonic()
     head = fit(data, shape, settings, checkpoint_dir=out / "head", log=log,
@@ -170,6 +190,66 @@ def run_train(spec: PipelineSpec) -> dict:
                "train": evaluate(head, data, texts, text_emb)}
     if held_out:
         summary["eval"] = evaluate(head, *held_out)
+    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _settings(spec: PipelineSpec):
+    from temporal.train import TrainSettings
+
+    tr = spec.train
+    return TrainSettings(loss=tr.loss, epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr,
+                         weight_decay=tr.weight_decay, seed=tr.seed)
+
+
+def _pixel_clips(spec: PipelineSpec, manifest: str, cfg, *, log):
+    """Decoded clips of a manifest for end-to-end training: ClipPixels and their distinct texts (captions as
+    written; labels in the first prompt template)."""
+    from temporal.train import ClipPixels
+
+    clips = read_manifest(manifest)
+    pixels, times, ok = frame_pixels(spec, clips, cfg, log=log)
+    text_of = [c.text if not c.is_label else spec.tags.prompts[0].format(c.text) for c in clips]
+    texts = list(dict.fromkeys(text_of))
+    keep = ok.nonzero().flatten()
+    groups = torch.tensor([texts.index(t) for t in text_of])
+    return ClipPixels(pixels[keep], times[keep], torch.ones(len(keep), pixels.shape[1], dtype=torch.bool),
+                      groups[keep]), texts
+
+
+def _pixel_metrics(encoder, head, data, texts: list[str]) -> dict:
+    from temporal.train import ClipEmbeddings
+
+    embedded = ClipEmbeddings(data.frame_embeddings(encoder), data.times_s, data.mask, None, data.groups)
+    return evaluate(head, embedded, texts, F.normalize(encoder.encode_text(texts), dim=-1))
+
+
+def _run_train_model(spec: PipelineSpec, out: Path, log) -> dict:
+    """``train.backbone: finetune|scratch``: the whole model and the head, end to end, into ``output.dir/model``
+    (a ``save_pretrained`` directory plus the head: both ``model.pretrained`` and ``temporal.checkpoint``)."""
+    from encoders import create_encoder
+    from temporal.train import META_FILE, HeadShape, fit_model, recover_checkpoint
+
+    tr, m = spec.train, spec.model
+    checkpoint = recover_checkpoint(out / "model")
+    resume = (checkpoint / META_FILE).exists()
+    # training runs in float32 whatever model.dtype says (bf16 weights do not train well)
+    encoder = create_encoder(m.family, pretrained=str(checkpoint) if resume else m.pretrained,
+                             local_files_only=m.local_files_only or resume, dtype="float32", device="cpu",
+                             scratch=tr.backbone == "scratch" and not resume)
+    torch.set_num_threads(os.cpu_count() or 1)
+    data, texts = _pixel_clips(spec, tr.manifest, encoder.preprocess_cfg, log=log)
+    held_out = _pixel_clips(spec, tr.eval_manifest, encoder.preprocess_cfg, log=log) if tr.eval_manifest else None
+    shape = HeadShape(dim=encoder.embed_dim, heads=tr.heads, layers=tr.layers)
+    started = time.monotonic()
+    head = fit_model(encoder, data, texts, shape, _settings(spec), checkpoint_dir=checkpoint, log=log,
+                     evaluate=(lambda enc, h: {"val_" + k: v for k, v in _pixel_metrics(enc, h, *held_out).items()
+                                               if k in ("R@1", "top1")}) if held_out else None)
+    summary = {"clips": len(data.pixels), "texts": len(texts), "epochs": tr.epochs, "backbone": tr.backbone,
+               "seconds": round(time.monotonic() - started, 1), "checkpoint": str(checkpoint),
+               "train": _pixel_metrics(encoder, head, data, texts)}
+    if held_out:
+        summary["eval"] = _pixel_metrics(encoder, head, *held_out)
     (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -141,6 +141,10 @@ class TemporalSpec:
 class TrainSpec:
     manifest: str | None = None  # labelled clips for `reeltag train` (.jsonl/.csv: uri, start_s, end_s, caption|label)
     eval_manifest: str | None = None  # held-out labelled clips for validation and `reeltag eval`
+    # frozen: train the temporal head on cached frame embeddings; finetune: the whole model (from model.pretrained's
+    # weights) and the head end to end; scratch: the same from fresh weights (model.pretrained gives the
+    # architecture, tokenizer and preprocessing only)
+    backbone: Literal["frozen", "finetune", "scratch"] = "frozen"
     loss: Literal["clip", "align"] = "clip"  # clip: symmetric InfoNCE; align: with label smoothing 0.1
     epochs: int = field(default=30, metadata=_POSITIVE)  # passes over the training clips
     batch_size: int = field(default=64, metadata=_POSITIVE)  # clips per step

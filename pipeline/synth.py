@@ -15,6 +15,11 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 230), 
 SHAPES = ("circle", "square", "triangle")
 SMALL = (0.02, 0.04)  # the `small` split: the shape is 2-4% of the short side, for the tower's tiles
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
+# named data sets (`reeltag synth --split`): `actions` trains and evaluates the demo model, `small` tests the tower
+SPLITS = {
+    "actions": dict(size=(0.08, 0.45), frame_sizes=((96, 64), (80, 80), (64, 96), (128, 96), (96, 128))),
+    "small": dict(size=SMALL, frame_sizes=((256, 192), (192, 192), (192, 256))),
+}
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,6 @@ def write_clips(directory: str | Path, clips: list[Clip], *, caption=lambda clip
         for i, clip in enumerate(clips):
             path = write_video(directory / f"{i:04d}.mp4", render(clip), fps=clip.fps,
                                options={"crf": clip.crf, "preset": "veryfast"})
-            f.write(json.dumps({**asdict(clip), "uri": str(path), "start_s": 0.0, "end_s": clip.duration_s,
+            f.write(json.dumps({**asdict(clip), "uri": str(path.resolve()), "start_s": 0.0, "end_s": clip.duration_s,
                                 "caption": caption(clip)}) + "\n")
     return directory / "labels.jsonl"

@@ -34,3 +34,20 @@ def align_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tenso
 
 
 LOSSES = {"clip": clip_loss, "align": align_loss}
+
+
+def vocabulary_loss(video: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor,
+                    smoothing: float = 0.0) -> torch.Tensor:
+    """Contrast each clip with every text of a closed vocabulary ``texts [Q, D]`` (``groups[i]``: clip i's text),
+    and each text present in the batch with the batch's clips. In-batch negatives rarely include the texts that
+    differ from a clip's own in one word (2 of 72 SynthActions captions differ only in the shape), which is exactly
+    what must be told apart; here every clip meets all of them at every step."""
+    logits = logit_scale * video @ texts.T  # [B, Q]
+    to_text = F.cross_entropy(logits, groups, label_smoothing=smoothing)
+    present = groups.unique()
+    target = (groups[None, :] == present[:, None]).float()
+    target = target / target.sum(dim=1, keepdim=True)
+    if smoothing:
+        target = target * (1 - smoothing) + smoothing / len(video)
+    to_video = F.cross_entropy(logits.T[present], target)
+    return (to_text + to_video) / 2

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .losses import LOSSES
+from .losses import LOSSES, vocabulary_loss
 from .pooling import AttentionPooling
 
 HEAD_FILE, META_FILE = "head.safetensors", "head.json"
+MAX_TEXT_BANK = 1024  # end-to-end training contrasts with all distinct texts up to this many, else in-batch ones
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         head.eval()
         record = {"epoch": epoch + 1, "loss": round(total / n, 5), "logit_scale": round(float(log_scale.exp()), 3)}
         if evaluate is not None:
@@ -154,3 +155,131 @@ def embed_clips(head: AttentionPooling | None, data: ClipEmbeddings) -> torch.Te
     if head is None:
         return mean_pool(data.frames, data.mask)
     return F.normalize(head(data.frames, data.times_s, data.mask), dim=-1)
+
+
+@dataclass
+class ClipPixels:
+    """What end-to-end training reads: per clip, the backbone's view of each sampled frame (after the
+    checkpoint's resize/crop, before normalisation), their times, a mask, and the caption's index."""
+
+    pixels: torch.Tensor  # [N, T, 3, R, R] uint8
+    times_s: torch.Tensor  # [N, T] seconds
+    mask: torch.Tensor  # [N, T] bool, True for real frames
+    groups: torch.Tensor  # [N] int: index of the clip's text
+
+    def frame_embeddings(self, encoder, batch_size: int = 64) -> torch.Tensor:
+        """``[N, T, D]`` L2-normalised frame embeddings under the encoder as it is now."""
+        from encoders.preprocess import normalise
+
+        flat = self.pixels.flatten(0, 1)
+        with torch.inference_mode():
+            emb = torch.cat([encoder.forward_features(normalise(chunk.float(), encoder.preprocess_cfg))
+                             for chunk in flat.split(batch_size * self.pixels.shape[1])])
+        return F.normalize(emb, dim=-1).view(*self.pixels.shape[:2], -1)
+
+
+def _learning_rate(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 5% of the steps, then a cosine decay to zero."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace directory ``final`` with ``tmp`` (a crash in between leaves ``final.old``, restored on resume)."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old)
+
+
+def recover_checkpoint(directory: str | Path) -> Path:
+    """Finish an interrupted :func:`_swap_in`; returns ``directory``."""
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if old.exists() and not directory.exists():
+        os.replace(old, directory)
+    return directory
+
+
+def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, settings: TrainSettings, *,
+              checkpoint_dir: str | Path, log: Callable[[dict], None] = print,
+              evaluate: Callable[[object, AttentionPooling], dict] | None = None) -> AttentionPooling:
+    """Train the whole image-text model and the temporal head end to end (pixels -> frames -> head <-> text).
+
+    After every epoch ``checkpoint_dir`` becomes a complete checkpoint: the model's ``save_pretrained`` files
+    plus ``head.safetensors``/``head.json`` (with the optimizer's moments, dropped after the last epoch), so
+    ``model.pretrained`` and ``temporal.checkpoint`` can both point at it. A run finds its checkpoint and
+    resumes (the caller loads the encoder from it). Learning rate: warm-up, then cosine to zero. Loss:
+    :func:`~temporal.losses.vocabulary_loss` against every distinct training text (a closed vocabulary such as
+    SynthActions' 72 captions), or only the batch's texts when there are more than ``MAX_TEXT_BANK``."""
+    from encoders.preprocess import normalise
+
+    checkpoint_dir = recover_checkpoint(checkpoint_dir)
+    model, cfg = encoder.model, encoder.preprocess_cfg
+    head = shape.build()
+    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
+    rest = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)
+            and name != "logit_scale"]
+    # the temperature moves 10x faster, as for the head alone
+    optimizer = torch.optim.AdamW([{"params": decay + list(head.parameters())},
+                                   {"params": rest, "weight_decay": 0.0},
+                                   {"params": [model.logit_scale], "weight_decay": 0.0}],
+                                  lr=settings.lr, weight_decay=settings.weight_decay)
+    n, batch = len(data.pixels), settings.batch_size
+    steps = math.ceil(n / batch)
+    start = 0
+    if (checkpoint_dir / META_FILE).exists():
+        restored, _, meta, opt = load_checkpoint(checkpoint_dir)
+        head.load_state_dict(restored.state_dict())
+        start = meta["epoch"]
+        if start < settings.epochs:
+            _restore_optimizer(optimizer, meta, opt)
+        log({"resumed_from_epoch": start})
+    for epoch in range(start, settings.epochs):
+        model.train()
+        head.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+        total = 0.0
+        for step, first in enumerate(range(0, n, batch)):
+            lr = _learning_rate(epoch * steps + step, settings.epochs * steps, settings.lr)
+            for group, scale in zip(optimizer.param_groups, (1, 1, 10)):
+                group["lr"] = lr * scale
+            idx = order[first:first + batch]
+            pixels = data.pixels[idx]
+            x = normalise(pixels.flatten(0, 1).float(), cfg)
+            frames = F.normalize(encoder.embed_images(x), dim=-1).view(*pixels.shape[:2], -1)
+            video = head(frames, data.times_s[idx], data.mask[idx])
+            if len(texts) <= MAX_TEXT_BANK:  # a closed vocabulary: every text at every step
+                bank_ids, groups = torch.arange(len(texts)), data.groups[idx]
+            else:  # open captions: the batch's own texts, as CLIP
+                bank_ids, groups = data.groups[idx].unique(return_inverse=True)
+            bank = F.normalize(encoder.embed_texts([texts[i] for i in bank_ids.tolist()]), dim=-1)
+            loss = vocabulary_loss(video, bank, model.logit_scale.exp().clamp(max=100.0), groups,
+                                   smoothing=0.1 if settings.loss == "align" else 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+        model.eval()
+        head.eval()
+        record = {"epoch": epoch + 1, "loss": round(total / n, 5),
+                  "logit_scale": round(float(model.logit_scale.exp()), 3)}
+        if evaluate is not None:
+            record.update(evaluate(encoder, head))
+        log(record)
+        tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        encoder.save_pretrained(tmp)
+        save_checkpoint(tmp, head, shape, model.logit_scale, epoch=epoch + 1, settings=settings,
+                        optimizer=optimizer if epoch + 1 < settings.epochs else None)
+        _swap_in(tmp, checkpoint_dir)
+    return head.eval()

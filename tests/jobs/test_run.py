@@ -116,11 +116,3 @@ def test_job_that_cannot_run_exits_1_with_a_clear_message(config, tmp_path):
     (tmp_path / "empty-model").mkdir()
     result = reeltag("run", config, "--set", f"model.pretrained={tmp_path}/empty-model")
     assert result.returncode == 1 and "cannot load the clip checkpoint" in result.stderr
-
-
-@pytest.mark.slow
-def test_demo_runs_offline(tmp_path):
-    result = reeltag("demo", "--dir", tmp_path / "demo")
-    assert result.returncode == 0, result.stderr
-    assert "6 ok, 1 failed" in result.stdout and "accuracy:" in result.stdout
-    assert "notes.mp4  error (decode, unreadable)" in result.stdout

@@ -42,3 +42,59 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
     assert records[0] == {"resumed_from_epoch": 2} and records[-1]["epoch"] == 4
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def _pixels(n=12, t=4, r=32, seed=0):
+    from temporal.train import ClipPixels
+
+    g = torch.Generator().manual_seed(seed)
+    return ClipPixels(torch.randint(0, 256, (n, t, 3, r, r), dtype=torch.uint8, generator=g),
+                      torch.linspace(0, 1, t).expand(n, t), torch.ones(n, t, dtype=torch.bool), torch.arange(n) % 3)
+
+
+def _scratch(directory):
+    from encoders import create_encoder
+
+    torch.manual_seed(0)
+    return create_encoder("clip", pretrained=str(directory), local_files_only=True, dtype="float32", device="cpu",
+                          scratch=True)
+
+
+def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(tmp_path):
+    """A crash after an epoch's training but before its checkpoint: the re-run starts from the previous epoch's
+    checkpoint (model weights, head, optimizer moments) and ends bit-identical to a run that never stopped."""
+    from encoders import create_encoder
+    from encoders._tiny import save_tiny
+    from temporal.train import fit_model
+
+    arch = save_tiny(tmp_path / "arch", words=("red", "green", "blue"), weights=False, squash=True)
+    assert not list(arch.glob("*.safetensors"))  # architecture, tokenizer, preprocessing only
+    data, texts, shape = _pixels(), ["red", "green", "blue"], HeadShape(dim=16)
+    settings = TrainSettings(epochs=3, batch_size=4)
+    straight = fit_model(_scratch(arch), data, texts, shape, settings, checkpoint_dir=tmp_path / "a",
+                         log=lambda r: None)
+
+    def crash_in_epoch_2(record):
+        if record.get("epoch") == 2:
+            raise KeyboardInterrupt
+
+    try:
+        fit_model(_scratch(arch), data, texts, shape, settings, checkpoint_dir=tmp_path / "b", log=crash_in_epoch_2)
+    except KeyboardInterrupt:
+        pass
+    assert json.loads((tmp_path / "b" / "head.json").read_text())["epoch"] == 1
+    records = []
+    encoder = create_encoder("clip", pretrained=str(tmp_path / "b"), local_files_only=True, dtype="float32",
+                             device="cpu")
+    resumed = fit_model(encoder, data, texts, shape, settings, checkpoint_dir=tmp_path / "b", log=records.append)
+    assert records[0] == {"resumed_from_epoch": 1} and records[-1]["epoch"] == 3
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    final = {name: create_encoder("clip", pretrained=str(tmp_path / name), local_files_only=True, dtype="float32",
+                                  device="cpu").model.state_dict() for name in "ab"}
+    assert all(torch.equal(final["a"][k], final["b"][k]) for k in final["a"])
+    # the finished checkpoint is a model directory and a head; the optimizer's moments are dropped at the end
+    _, _, meta, opt = load_checkpoint(tmp_path / "a")
+    assert meta["epoch"] == 3 and opt == {}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "head.json",
+            "head.safetensors"} <= {p.name for p in (tmp_path / "a").iterdir()}

@@ -1,0 +1,72 @@
+"""The demo model end to end: the committed models/synthactions tags freshly generated SynthActions clips
+through the real pipeline, and `reeltag demo` runs offline. The floors here are well below the benchmark's
+(benchmarks/demo_model.py) so that they hold on any small set; they fail for a random or broken model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.demo import caption_embeddings, demo_spec, score_rows, score_run, truth_of
+from jobs.run import decode_short_side, run_pipeline
+from pipeline.stages import run_sequential
+from pipeline.synth import SPLITS, sample_clips, write_clips
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthactions")
+    write_clips(root / "actions", sample_clips(36, seed=777, **SPLITS["actions"]))
+    write_clips(root / "small", sample_clips(24, seed=778, **SPLITS["small"]))
+    return root
+
+
+@pytest.mark.slow
+def test_the_demo_model_tags_held_out_clips_right(held_out, tmp_path):
+    spec = demo_spec(held_out / "actions", tmp_path / "out")
+    summary = run_pipeline(spec)
+    assert summary["videos_ok"] == 36 and summary["videos_failed"] == 0
+    scores = score_run(spec.output.dir, truth_of(held_out / "actions" / "labels.jsonl"), caption_embeddings(spec))
+    assert scores["segments"] == 36
+    assert scores["colour"] >= 0.85 and scores["shape"] >= 0.7 and scores["motion"] >= 0.75, scores
+    assert scores["text_to_video_R@1"] >= 0.4, scores  # chance: about 1/36
+
+
+@pytest.mark.slow
+def test_mean_pooling_cannot_tell_directions_apart(held_out, tmp_path):
+    spec = demo_spec(held_out / "actions", tmp_path / "out", "temporal.pooling=mean", "temporal.checkpoint=null")
+    rows = [r for r in run_sequential(spec, sorted(map(str, (held_out / "actions").glob("*.mp4"))),
+                                      short_side=decode_short_side(spec)).to_pylist() if r["kind"] == "segment"]
+    scores = score_rows(rows, truth_of(held_out / "actions" / "labels.jsonl"), caption_embeddings(spec))
+    assert scores["colour"] >= 0.85, scores  # what a frame shows is still there
+    assert scores["left/right"] <= 0.8 and scores["up/down"] <= 0.8, scores  # order is not: ~0.5
+
+
+@pytest.mark.slow
+def test_tiles_find_the_colour_of_small_shapes(held_out):
+    truth = truth_of(held_out / "small" / "labels.jsonl")
+    uris = sorted(truth)
+    colour = {}
+    for levels in ("[1]", "[1,2]"):
+        spec = demo_spec(held_out / "small", "/nonexistent", f"tower.levels={levels}", "tower.fusion=mean")
+        rows = [r for r in run_sequential(spec, uris, short_side=decode_short_side(spec)).to_pylist()
+                if r["kind"] == "segment"]
+        colour[levels] = score_rows(rows, truth)["colour"]
+    assert colour["[1,2]"] >= colour["[1]"] + 0.1, colour
+
+
+@pytest.mark.slow
+def test_demo_runs_offline(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--dir", str(tmp_path / "demo")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "7 ok, 1 failed" in out and "notes.mp4  error (decode, unreadable)" in out
+    right = int(out.split("accuracy: ")[1].split("/")[0])
+    assert right >= 5, out  # of 7 clips, one of them a small shape
+    assert 'search "a red circle moving left"' in out
+    report = Path(out.split("report: ")[1].split()[0])
+    assert report.is_file() and report.stat().st_size > 10_000
