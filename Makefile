@@ -25,7 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 # Retrains the committed demo model from scratch (about 30 min on 2 cores); see README "The demo model".
 demo-model: $(VENV)/.installed
-	$(BIN)/reeltag synth runs/synthactions/train --clips 6000 --seed 1
+	$(BIN)/reeltag synth runs/synthactions/train --clips 12000 --seed 1
+	$(BIN)/reeltag synth runs/synthactions/tiny --clips 3000 --seed 3 --split tiny
+	cat runs/synthactions/train/labels.jsonl runs/synthactions/tiny/labels.jsonl > runs/synthactions/train_all.jsonl
 	$(BIN)/reeltag synth runs/synthactions/val --clips 600 --seed 2
 	$(BIN)/reeltag train configs/train_synthactions.yaml
 	mkdir -p models/synthactions && cp runs/synthactions/out/model/* models/synthactions/

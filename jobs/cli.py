@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipeline.config import ConfigError, PipelineSpec, load_spec
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--clips", type=int, default=600, help="how many clips (motions cycle: balanced classes)")
     synth.add_argument("--seed", type=int, default=0, help="the data set is a function of the seed")
     synth.add_argument("--split", choices=sorted(SPLITS), default="actions",
-                       help="actions: sizes 8-45%% of the short side; small: 2-4%%, larger frames (for the tower)")
+                       help="actions: sizes 8-45%% of the short side; small: 2-4%%, larger frames (for the tower); "
+                            "tiny: 3.5-8%% (training only)")
     demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
     demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
     return parser
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.clips <= 0:
                 print("reeltag: --clips must be positive", file=sys.stderr)
                 return 2
-            labels = write_clips(args.directory, sample_clips(args.clips, seed=args.seed, **SPLITS[args.split]))
+            labels = write_clips(args.directory, sample_clips(args.clips, seed=args.seed, **SPLITS[args.split]),
+                                 workers=os.cpu_count() or 1)
             print(f"{args.clips} {args.split} clips and {labels}")
             return 0
         spec = load_spec(args.config, args.overrides)

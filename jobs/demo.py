@@ -63,6 +63,9 @@ def score_rows(rows: list[dict], truth: dict[str, str], text_emb: dict[str, np.n
               "caption": float(np.mean([t == p for t, p in zip(true, top)]))}
     for key in ("colour", "shape", "motion"):
         result[key] = float(np.mean([t[key] == p[key] for t, p in zip(true, top)]))
+    if all(r["region_tags"] for r in rows):  # tower levels >= 2: the colour of the best tile's tag
+        best = [caption_parts(max(r["region_tags"], key=lambda g: g["score"])["label"]) for r in rows]
+        result["tile_colour"] = float(np.mean([t["colour"] == b["colour"] for t, b in zip(true, best)]))
     if text_emb is None:
         return result
     video = np.stack([np.asarray(r["embedding"], np.float32) for r in rows])

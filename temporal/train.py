@@ -39,6 +39,7 @@ class HeadShape:
 @dataclass(frozen=True)
 class TrainSettings:
     loss: str = "clip"  # clip | align
+    max_shift: float = 0.0  # end-to-end training: shift each clip by up to this fraction of the input side
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -167,6 +168,9 @@ class ClipPixels:
     mask: torch.Tensor  # [N, T] bool, True for real frames
     groups: torch.Tensor  # [N] int: index of the clip's text
 
+    def subset(self, index: torch.Tensor) -> "ClipPixels":
+        return ClipPixels(self.pixels[index], self.times_s[index], self.mask[index], self.groups[index])
+
     def frame_embeddings(self, encoder, batch_size: int = 64) -> torch.Tensor:
         """``[N, T, D]`` L2-normalised frame embeddings under the encoder as it is now."""
         from encoders.preprocess import normalise
@@ -184,6 +188,18 @@ def _learning_rate(step: int, total: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def shift_clips(pixels: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each clip ``[B,T,3,R,R]`` by a random offset of up to ``max_shift`` pixels per axis, the same for
+    all its frames (so motion, colour and shape are kept); the border is extended from the edge pixels."""
+    if max_shift <= 0:
+        return pixels
+    r = pixels.shape[-1]
+    padded = F.pad(pixels.flatten(0, 1).float(), (max_shift,) * 4, mode="replicate").view(*pixels.shape[:3],
+                                                                                        r + 2 * max_shift, -1)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, len(pixels)), generator=generator).tolist()
+    return torch.stack([padded[b, ..., y:y + r, x:x + r] for b, (y, x) in enumerate(zip(dy, dx))]).to(pixels.dtype)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -215,7 +231,8 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
     After every epoch ``checkpoint_dir`` becomes a complete checkpoint: the model's ``save_pretrained`` files
     plus ``head.safetensors``/``head.json`` (with the optimizer's moments, dropped after the last epoch), so
     ``model.pretrained`` and ``temporal.checkpoint`` can both point at it. A run finds its checkpoint and
-    resumes (the caller loads the encoder from it). Learning rate: warm-up, then cosine to zero. Loss:
+    resumes (the caller loads the encoder from it). Learning rate: warm-up, then cosine to zero. Augmentation:
+    ``settings.max_shift`` (:func:`shift_clips`). Loss:
     :func:`~temporal.losses.vocabulary_loss` against every distinct training text (a closed vocabulary such as
     SynthActions' 72 captions), or only the batch's texts when there are more than ``MAX_TEXT_BANK``."""
     from encoders.preprocess import normalise
@@ -245,13 +262,14 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
         model.train()
         head.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
+        shifts = torch.Generator().manual_seed(settings.seed * 100_019 + epoch)
         total = 0.0
         for step, first in enumerate(range(0, n, batch)):
             lr = _learning_rate(epoch * steps + step, settings.epochs * steps, settings.lr)
             for group, scale in zip(optimizer.param_groups, (1, 1, 10)):
                 group["lr"] = lr * scale
             idx = order[first:first + batch]
-            pixels = data.pixels[idx]
+            pixels = shift_clips(data.pixels[idx], round(settings.max_shift * cfg.resolution), shifts)
             x = normalise(pixels.flatten(0, 1).float(), cfg)
             frames = F.normalize(encoder.embed_images(x), dim=-1).view(*pixels.shape[:2], -1)
             video = head(frames, data.times_s[idx], data.mask[idx])

@@ -31,7 +31,7 @@ def test_the_demo_model_tags_held_out_clips_right(held_out, tmp_path):
     assert summary["videos_ok"] == 36 and summary["videos_failed"] == 0
     scores = score_run(spec.output.dir, truth_of(held_out / "actions" / "labels.jsonl"), caption_embeddings(spec))
     assert scores["segments"] == 36
-    assert scores["colour"] >= 0.85 and scores["shape"] >= 0.7 and scores["motion"] >= 0.75, scores
+    assert scores["colour"] >= 0.85 and scores["shape"] >= 0.5 and scores["motion"] >= 0.8, scores  # chance 0.33
     assert scores["text_to_video_R@1"] >= 0.4, scores  # chance: about 1/36
 
 
@@ -46,16 +46,21 @@ def test_mean_pooling_cannot_tell_directions_apart(held_out, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiles_find_the_colour_of_small_shapes(held_out):
+def test_small_shapes_colour_is_seen_whole_frame_and_in_tiles(held_out):
+    """The `small` split (shapes 2-4% of the short side): trained with the `tiny` split, the model names their colour
+    from the whole frame; with tower levels [1, 2] each tile gets a region tag with its box, and the best tile's
+    colour is right far above chance (0.25)."""
     truth = truth_of(held_out / "small" / "labels.jsonl")
     uris = sorted(truth)
-    colour = {}
+    scores = {}
     for levels in ("[1]", "[1,2]"):
         spec = demo_spec(held_out / "small", "/nonexistent", f"tower.levels={levels}", "tower.fusion=mean")
         rows = [r for r in run_sequential(spec, uris, short_side=decode_short_side(spec)).to_pylist()
                 if r["kind"] == "segment"]
-        colour[levels] = score_rows(rows, truth)["colour"]
-    assert colour["[1,2]"] >= colour["[1]"] + 0.1, colour
+        scores[levels] = score_rows(rows, truth)
+    assert scores["[1]"]["colour"] >= 0.75, scores
+    assert "tile_colour" not in scores["[1]"] and scores["[1,2]"]["tile_colour"] >= 0.4, scores
+    assert all(len(r["region_tags"]) == 4 for r in rows)  # the 2x2 tiles, each with a box
 
 
 @pytest.mark.slow
@@ -66,7 +71,7 @@ def test_demo_runs_offline(tmp_path):
     out = result.stdout
     assert "7 ok, 1 failed" in out and "notes.mp4  error (decode, unreadable)" in out
     right = int(out.split("accuracy: ")[1].split("/")[0])
-    assert right >= 5, out  # of 7 clips, one of them a small shape
+    assert right >= 4, out  # of 7 clips (5 on this model), one of them a small shape
     assert 'search "a red circle moving left"' in out
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and report.stat().st_size > 10_000
