@@ -79,3 +79,22 @@ def test_boxes_cover_the_centre_square(overlap):
         if overlap == 0:
             area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum().item()
             assert area == pytest.approx(90 / 160)
+
+
+def test_a_squashing_checkpoint_gets_tiles_over_the_whole_frame(tmp_path):
+    """A preprocessor that resizes the whole frame to the square (no centre crop, as the demo model's): level 1 sees
+    the whole frame, so the tiles divide the whole frame too, squashed the same way."""
+    from encoders._tiny import save_tiny
+
+    encoder = create_encoder("clip", pretrained=str(save_tiny(tmp_path / "m", squash=True)), local_files_only=True,
+                             dtype="float32", device="cpu")
+    assert encoder.preprocess_cfg.squashes
+    frames = torch.zeros(1, 40, 120, 3, dtype=torch.uint8)
+    frames[0, :20, :60] = 255  # the top-left quarter of a wide frame is white
+    tower = HierarchicalTower(encoder, levels=(1, 2), fusion="mean", overlap=0.0)
+    pixels, boxes, _ = tower.tile_views(frames)
+    assert torch.allclose(boxes, torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]]))
+    brightness = pixels[0].mean(dim=(1, 2, 3))
+    assert brightness.argmax().item() == 0 and (brightness[0] - brightness[1:]).min() > 1.0  # only tile 0 is white
+    _, _, whole_box, _ = tower(frames)
+    assert whole_box[0].tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0])
