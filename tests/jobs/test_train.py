@@ -123,7 +123,8 @@ def test_reeltag_train_a_whole_model_from_scratch(tmp_path):
     val = write_clips(tmp_path / "val", sample_clips(24, seed=1, **sizes), caption=lambda c: c.colour)
     arch = save_tiny(tmp_path / "arch", words=colours, weights=False, squash=True, width=32, embed_dim=32)
     config = tmp_path / "train.yaml"
-    config.write_text(f"input: {{paths: ['{tmp_path}/val']}}\nmodel: {{pretrained: '{arch}'}}\nsampling: {{frames: 3}}\n"
+    config.write_text(f"input: {{paths: ['{tmp_path}/val']}}\nmodel: {{pretrained: '{arch}'}}\n"
+                      f"sampling: {{frames: 3}}\n"
                       f"temporal: {{pooling: attention}}\noutput: {{dir: '{tmp_path}/out'}}\n"
                       f"train: {{backbone: scratch, manifest: '{train}', eval_manifest: '{val}', epochs: 30, "
                       f"batch_size: 8, lr: 0.003}}\n")
