@@ -139,7 +139,7 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
             optimizer.step()
             total += float(loss.detach()) * len(idx)
         head.eval()
-        record = {"epoch": epoch + 1, "loss": round(total / n, 5), "logit_scale": round(float(log_scale.exp()), 3)}
+        record = {"epoch": epoch + 1, "loss": round(total / n, 5), "logit_scale": round(float(log_scale.detach().exp()), 3)}
         if evaluate is not None:
             record.update(evaluate(head))
         log(record)
@@ -287,7 +287,7 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
         model.eval()
         head.eval()
         record = {"epoch": epoch + 1, "loss": round(total / n, 5),
-                  "logit_scale": round(float(model.logit_scale.exp()), 3)}
+                  "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
         if evaluate is not None:
             record.update(evaluate(encoder, head))
         log(record)
