@@ -139,7 +139,8 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
             optimizer.step()
             total += float(loss.detach()) * len(idx)
         head.eval()
-        record = {"epoch": epoch + 1, "loss": round(total / n, 5), "logit_scale": round(float(log_scale.detach().exp()), 3)}
+        record = {"epoch": epoch + 1, "loss": round(total / n, 5),
+                  "logit_scale": round(float(log_scale.detach().exp()), 3)}
         if evaluate is not None:
             record.update(evaluate(head))
         log(record)
