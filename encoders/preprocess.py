@@ -44,6 +44,11 @@ class PreprocessCfg:
         )
 
     @property
+    def level1_side(self) -> int:
+        """The short side a decoded frame needs for the whole-frame view (no finer, no detail is lost)."""
+        return self.short_side or max(self.size)
+
+    @property
     def squashes(self) -> bool:
         """The whole frame is resized to the backbone's square (no centre crop, aspect not kept)."""
         return self.size is not None and self.crop == self.size

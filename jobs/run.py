@@ -31,8 +31,7 @@ def decode_short_side(spec: PipelineSpec) -> int:
 
     cfg = checkpoint_preprocess(family=spec.model.family, pretrained=spec.model.pretrained,
                                 local_files_only=spec.model.local_files_only)
-    level1 = cfg.short_side or max(cfg.size)
-    return max(level1, cfg.resolution * 2 ** (max(spec.tower.levels) - 1))
+    return max(cfg.level1_side, cfg.resolution * 2 ** (max(spec.tower.levels) - 1))
 
 
 def check_output_dir(path: str) -> Path:

@@ -104,8 +104,7 @@ def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg, *, log=prin
     normalisation), times ``[N,T]``, and which clips decoded; cached. What end-to-end training reads."""
     from encoders.preprocess import resize_crop
 
-    short_side = cfg.short_side or max(cfg.size)
-    return _per_clip(spec, clips, "pixels", short_side, lambda x: resize_crop(x, cfg).to(torch.uint8),
+    return _per_clip(spec, clips, "pixels", cfg.level1_side, lambda x: resize_crop(x, cfg).to(torch.uint8),
                      detail=f"{cfg.size} {cfg.crop}", log=log)
 
 
@@ -210,9 +209,9 @@ def _pixel_clips(spec: PipelineSpec, manifest: str, cfg, *, log):
     clips = read_manifest(manifest)
     pixels, times, ok = frame_pixels(spec, clips, cfg, log=log)
     text_of = [c.text if not c.is_label else spec.tags.prompts[0].format(c.text) for c in clips]
-    texts = list(dict.fromkeys(text_of))
-    keep = ok.nonzero().flatten()
-    groups = torch.tensor([texts.index(t) for t in text_of])
+    index = {t: i for i, t in enumerate(dict.fromkeys(text_of))}
+    texts, keep = list(index), ok.nonzero().flatten()
+    groups = torch.tensor([index[t] for t in text_of])
     return ClipPixels(pixels[keep], times[keep], torch.ones(len(keep), pixels.shape[1], dtype=torch.bool),
                       groups[keep]), texts
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+ALIGN_SMOOTHING = 0.1  # ALIGN's label smoothing
+
 
 def _targets(groups: torch.Tensor) -> torch.Tensor:
     """``[B, B]`` soft targets: row i spreads its mass over the clips with i's caption."""
@@ -25,7 +27,7 @@ def clip_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 
 def align_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-               groups: torch.Tensor | None = None, smoothing: float = 0.1) -> torch.Tensor:
+               groups: torch.Tensor | None = None, smoothing: float = ALIGN_SMOOTHING) -> torch.Tensor:
     """ALIGN's normalised-softmax loss: the same symmetric cross-entropy with label smoothing (0.1)."""
     logits = logit_scale * video @ text.T
     target = torch.eye(len(video)) if groups is None else _targets(groups)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .losses import LOSSES, vocabulary_loss
+from .losses import ALIGN_SMOOTHING, LOSSES, vocabulary_loss
 from .pooling import AttentionPooling
 
 HEAD_FILE, META_FILE = "head.safetensors", "head.json"
@@ -204,23 +205,25 @@ def shift_clips(pixels: torch.Tensor, max_shift: int, generator: torch.Generator
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace directory ``final`` with ``tmp`` (a crash in between leaves ``final.old``, restored on resume)."""
-    old = final.with_name(final.name + ".old")
+    """Replace directory ``final`` with ``tmp``; a crash at any point leaves ``final`` or ``final.old`` whole, and
+    :func:`recover_checkpoint` puts things right."""
+    old = recover_checkpoint(final).with_name(final.name + ".old")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_checkpoint(directory: str | Path) -> Path:
-    """Finish an interrupted :func:`_swap_in`; returns ``directory``."""
+    """Finish an interrupted :func:`_swap_in` (restore ``directory.old`` if ``directory`` is missing, else drop
+    it); returns ``directory``."""
     directory = Path(directory)
     old = directory.with_name(directory.name + ".old")
-    if old.exists() and not directory.exists():
-        os.replace(old, directory)
+    if old.exists():
+        if directory.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, directory)
     return directory
 
 
@@ -280,7 +283,7 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
                 bank_ids, groups = data.groups[idx].unique(return_inverse=True)
             bank = F.normalize(encoder.embed_texts([texts[i] for i in bank_ids.tolist()]), dim=-1)
             loss = vocabulary_loss(video, bank, model.logit_scale.exp().clamp(max=100.0), groups,
-                                   smoothing=0.1 if settings.loss == "align" else 0.0)
+                                   smoothing=ALIGN_SMOOTHING if settings.loss == "align" else 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -293,10 +296,7 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
             record.update(evaluate(encoder, head))
         log(record)
         tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         encoder.save_pretrained(tmp)
         save_checkpoint(tmp, head, shape, model.logit_scale, epoch=epoch + 1, settings=settings,
                         optimizer=optimizer if epoch + 1 < settings.epochs else None)

@@ -98,3 +98,19 @@ def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(t
     assert meta["epoch"] == 3 and opt == {}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "head.json",
             "head.safetensors"} <= {p.name for p in (tmp_path / "a").iterdir()}
+
+
+def test_a_checkpoint_swap_interrupted_anywhere_is_recovered(tmp_path):
+    from temporal.train import _swap_in, recover_checkpoint
+
+    final, old = tmp_path / "model", tmp_path / "model.old"
+    old.mkdir()
+    (old / "w").write_text("epoch 1")
+    assert (recover_checkpoint(final) / "w").read_text() == "epoch 1" and not old.exists()  # crashed mid-swap
+    old.mkdir()
+    (old / "w").write_text("stale")  # crashed after the swap, before the clean-up
+    new = tmp_path / "model.tmp"
+    new.mkdir()
+    (new / "w").write_text("epoch 2")
+    _swap_in(new, final)
+    assert (final / "w").read_text() == "epoch 2" and not old.exists() and not new.exists()
