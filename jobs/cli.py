@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from pipeline.config import ConfigError, PipelineSpec, load_spec
+from pipeline.config import INPUT_REQUIRED, ConfigError, PipelineSpec, load_spec
 from pipeline.synth import SPLITS, sample_clips, write_clips
 
 
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("train", "eval"):
             return _train_or_eval(args.command, spec)
+        if not spec.has_input:  # allowed in a training config, not in one that tags an archive
+            raise ConfigError([f"{args.config} input.paths: {INPUT_REQUIRED} for `reeltag {args.command}`"])
         code = _run(spec)
         if code == 0 and args.command == "index":
             from .search import build_index
@@ -134,7 +136,10 @@ def _report(args) -> int:
 
     try:
         path = write_report(args.output_dir, args.out)
-    except (ReportError, OSError) as e:
+    except ReportError as e:
+        print(f"reeltag report: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
         print(f"reeltag report: the report could not be written: {e}", file=sys.stderr)
         return 1
     print(path)

@@ -4,7 +4,9 @@ It reads the committed tables of the latest config (as ``reeltag search`` does) 
 frame per segment (its middle sampled frame) at a small size, embedded as a JPEG ``data:`` URI, with the region
 tags drawn over it as boxes; a timeline of the video's top labels per segment, shaded by score; the actions
 (with ``segments.localize``) and the errors table. Inline CSS only: no script, no external resource, so the
-file can be mailed or archived alone. A video that can no longer be decoded gets placeholders, not a failure.
+file can be mailed or archived alone. A video that can no longer be decoded gets placeholders, not a failure;
+decoding runs in a child process (as in ``reeltag run``), so a file that hangs or crashes the decoder costs only
+its own pictures.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline.writer import read_table
 
 TIMELINE_LABELS = 8  # labels (rows) of a video's timeline: those with the highest summed score
 ACTION_ROWS = 200  # actions listed in the report; the rest are counted
+DECODE_TIMEOUT_S = 60.0  # a video's thumbnails making no progress this long are given up
 _COLUMNS = ["video_id", "uri", "segment_id", "start_s", "end_s", "frame_times_s", "tags", "region_tags", "backend",
             "model", "config_hash"]  # everything but the embeddings
 
@@ -50,8 +53,11 @@ def write_report(output_dir: str | Path, out: str | Path | None = None, *, thumb
     text = _page(run, thumb_px)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after a successful replace; a failed one leaves no litter
     return out
 
 
@@ -85,6 +91,14 @@ def _rows(out_dir: Path, name: str, config_hash: str, columns: list[str] | None 
 def _middle_time(row: dict) -> float:
     times = row["frame_times_s"]
     return float(times[len(times) // 2]) if times else (row["start_s"] + row["end_s"]) / 2
+
+
+def _thumbnail_rows(uri: str, times_s: list[float], short_side: int):
+    """Decoder child: one row with the thumbnails, or with why there are none."""
+    try:
+        yield {"images": _thumbnails(uri, times_s, short_side)}
+    except Exception as e:  # noqa: BLE001 - a moved, deleted or unreadable video only loses its pictures
+        yield {"failure": f"{type(e).__name__}: {e}"}
 
 
 def _thumbnails(uri: str, times_s: list[float], short_side: int) -> list[tuple[bytes, int, int]]:
@@ -155,9 +169,16 @@ th, td { border: 1px solid #d0d7de; padding: 2px 6px; text-align: left; vertical
 
 
 def _page(run: _Run, thumb_px: int) -> str:
+    from pipeline._isolate import IsolatedDecoder
+
     body = [_header(run)]
-    for rows in run.segments.values():
-        body.append(_video(rows, [e for e in run.errors if e["video_id"] == rows[0]["video_id"]], thumb_px))
+    decoder = IsolatedDecoder(_thumbnail_rows, timeout_s=DECODE_TIMEOUT_S, recycle_after=100)
+    try:
+        for rows in run.segments.values():
+            errors = [e for e in run.errors if e["video_id"] == rows[0]["video_id"]]
+            body.append(_video(rows, errors, thumb_px, decoder))
+    finally:
+        decoder.close()
     if run.actions:
         body.append(_actions(run.actions))
     body.append(_errors(run.errors))
@@ -183,12 +204,11 @@ def _header(run: _Run) -> str:
             "confidence.</p>\n</header>")
 
 
-def _video(rows: list[dict], errors: list[dict], thumb_px: int) -> str:
+def _video(rows: list[dict], errors: list[dict], thumb_px: int, decoder) -> str:
     uri = rows[0]["uri"]
-    try:
-        images, failure = _thumbnails(uri, [_middle_time(r) for r in rows], thumb_px), ""
-    except Exception as e:  # noqa: BLE001 - a moved, deleted or unreadable video only loses its pictures
-        images, failure = [None] * len(rows), f"{type(e).__name__}: {e}"
+    (result,) = decoder.run(uri, [_middle_time(r) for r in rows], thumb_px,
+                            on_fail=lambda kind, message, _: {"failure": f"{kind}: {message}"})
+    images, failure = result.get("images", [None] * len(rows)), result.get("failure", "")
     notes = [f"frames unavailable, placeholders shown ({failure})"] if failure else []
     notes += [f"{e['stage']} error ({e['error_type']}): {e['message']}" for e in errors]
     end = max(r["end_s"] for r in rows)

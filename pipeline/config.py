@@ -220,8 +220,8 @@ class PipelineSpec:
     def __post_init__(self):
         from .sources import SourceError, expand
 
-        if not self.input.paths and not self.input.manifest:
-            raise _FieldProblem("input.paths", "required: video files, directories, globs or URIs (or input.manifest)")
+        if not self.has_input and self.train.manifest is None:  # a training config may have no archive to tag
+            raise _FieldProblem("input.paths", INPUT_REQUIRED)
         if self.input.manifest is not None and not os.path.isfile(self.input.manifest):
             raise _FieldProblem("input.manifest", f"file not found: {self.input.manifest}")
         for i, pattern in enumerate(self.input.paths):
@@ -232,6 +232,10 @@ class PipelineSpec:
             if not found:
                 what = "no video files match" if glob.has_magic(pattern) or os.path.isdir(pattern) else "not found"
                 raise _FieldProblem(f"input.paths.{i}", f"{what}: {pattern}")
+
+    @property
+    def has_input(self) -> bool:
+        return bool(self.input.paths or self.input.manifest)
 
     @property
     def stride_s(self) -> float:
@@ -261,6 +265,9 @@ class PipelineSpec:
         if self.input.manifest:
             found.update(read_uri_list(self.input.manifest))
         return sorted(found)
+
+
+INPUT_REQUIRED = "required: video files, directories, globs or URIs (or input.manifest)"
 
 
 class _FieldProblem(Exception):

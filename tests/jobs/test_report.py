@@ -174,14 +174,37 @@ def test_report_shows_thumbnails_regions_timeline_actions_and_errors(run_dir):
     assert "<span><b>4</b> videos</span>" in raw and "<span><b>1</b> errors</span>" in raw
 
 
+def test_a_video_that_hangs_the_decoder_costs_only_its_pictures(run_dir, monkeypatch):
+    """A FIFO where a video was: opening it blocks forever. The report's decoder child is stopped after
+    DECODE_TIMEOUT_S without progress, that video gets placeholders saying so, and the others still get frames."""
+    import jobs.report
+
+    monkeypatch.setattr(jobs.report, "DECODE_TIMEOUT_S", 3.0)
+    (uri,) = {row["uri"] for row in _segments(run_dir)["gone.mp4"]}
+    os.mkfifo(uri)
+    try:
+        page = _parse(write_report(run_dir, run_dir / "hang.html").read_text(encoding="utf-8"))
+    finally:
+        os.unlink(uri)
+    segments = _segments(run_dir)
+    placeholders = page.all("div", "missing")
+    assert len(placeholders) == len(segments["gone.mp4"])
+    assert all(p["title"].startswith("timeout: no progress for 3 s") for p in placeholders)
+    assert len(page.all("img")) == len(segments["clip0.mp4"]) + len(segments["tall.mp4"])
+
+
 def test_cli_report_exit_codes(run_dir, tmp_path, capsys):
     assert main(["report", str(run_dir), "--out", str(tmp_path / "r.html")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "r.html") and (tmp_path / "r.html").exists()
-    assert main(["report", str(tmp_path)]) == 1
+    assert main(["report", str(tmp_path)]) == 2  # as `reeltag search`: no such output
     assert "not a reeltag output directory" in capsys.readouterr().err
     (tmp_path / "empty" / "manifest").mkdir(parents=True)
-    assert main(["report", str(tmp_path / "empty")]) == 1
+    assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no committed videos" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()  # the output path is a directory: cannot be written
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "taken")]) == 1
+    assert "could not be written" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     with pytest.raises(SystemExit) as usage:
         main(["report"])
     assert usage.value.code == 2

@@ -104,6 +104,22 @@ def test_required_sections(files):
     assert _errors(text) == ["pipeline.yaml output.dir: required: where segments/, errors/ and run.json are written"]
 
 
+def test_input_is_required_except_by_a_training_config(files, tmp_path, capsys):
+    from jobs.cli import main
+
+    no_input = _yaml(files).replace(f"input:\n  paths: [{files['videos']}]\n", "")
+    assert _errors(no_input) == ["pipeline.yaml input.paths: required: video files, directories, globs or URIs "
+                                 "(or input.manifest)"]
+    manifest = tmp_path / "labels.jsonl"
+    manifest.write_text('{"uri": "clip0.mp4", "caption": "a red circle"}\n')
+    config = tmp_path / "train.yaml"
+    config.write_text(no_input + f"train:\n  manifest: {manifest}\n")
+    assert not parse_spec(config.read_text()).has_input  # valid: training reads train.manifest
+    for command in ("run", "index"):  # but there is nothing to tag
+        assert main([command, str(config)]) == 2
+        assert f"{config} input.paths: required: video files" in capsys.readouterr().err
+
+
 def test_invalid_yaml_and_duplicate_keys(files):
     (problem,) = _errors("input:\n  paths: [a.mp4\nmodel: {}\n")
     assert problem.startswith("pipeline.yaml:3: not valid YAML")

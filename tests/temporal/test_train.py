@@ -62,7 +62,8 @@ def _scratch(directory):
 
 def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(tmp_path):
     """A crash after an epoch's training but before its checkpoint: the re-run starts from the previous epoch's
-    checkpoint (model weights, head, optimizer moments) and ends bit-identical to a run that never stopped."""
+    checkpoint (model weights, head, optimizer moments) and ends bit-identical to a run that never stopped, random
+    shifts included."""
     from encoders import create_encoder
     from encoders._tiny import save_tiny
     from temporal.train import fit_model
@@ -70,7 +71,7 @@ def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(t
     arch = save_tiny(tmp_path / "arch", words=("red", "green", "blue"), weights=False, squash=True)
     assert not list(arch.glob("*.safetensors"))  # architecture, tokenizer, preprocessing only
     data, texts, shape = _pixels(), ["red", "green", "blue"], HeadShape(dim=16)
-    settings = TrainSettings(epochs=3, batch_size=4)
+    settings = TrainSettings(epochs=3, batch_size=4, max_shift=0.125)
     straight = fit_model(_scratch(arch), data, texts, shape, settings, checkpoint_dir=tmp_path / "a",
                          log=lambda r: None)
 
