@@ -9,6 +9,7 @@ Relative paths are taken from the current working directory (the job's working d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -245,6 +246,8 @@ class PipelineSpec:
         """Hash of everything that changes a segment row; input, output and Ray placement do not."""
         parts = {k: dataclasses.asdict(getattr(self, k)) for k in ("decode", "segments", "sampling", "tower", "model",
                                                                      "temporal", "tags")}
+        if os.path.isdir(os.path.expanduser(self.model.pretrained)):  # a local model may be retrained in place
+            parts["model"]["weights"] = _weights_digest(os.path.expanduser(self.model.pretrained))
         if self.temporal.checkpoint:  # a retrained head changes the embeddings: hash its weights, not its path
             parts["temporal"]["checkpoint"] = hashlib.sha256(
                 Path(self.temporal.checkpoint, "head.safetensors").read_bytes()).hexdigest()
@@ -265,6 +268,22 @@ class PipelineSpec:
         if self.input.manifest:
             found.update(read_uri_list(self.input.manifest))
         return sorted(found)
+
+
+def _weights_digest(directory: str) -> str:
+    """SHA-256 over a model directory's weight files (content, not names or times), cached per file state."""
+    files = sorted(f for f in glob.glob(os.path.join(directory, "*")) if f.endswith((".safetensors", ".bin")))
+    return _digest(tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for path, _, _ in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 INPUT_REQUIRED = "required: video files, directories, globs or URIs (or input.manifest)"

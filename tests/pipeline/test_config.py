@@ -150,6 +150,21 @@ def test_load_spec_reports_the_file_name(tmp_path, files):
         load_spec(tmp_path / "missing.yaml")
 
 
+def test_a_local_model_retrained_in_place_changes_the_config_hash(files, tmp_path):
+    """Same path, new weights: a resumed run must not take the old model's segments as done."""
+    import shutil
+
+    model = shutil.copytree(files["model"], tmp_path / "model")
+    text = _yaml({**files, "model": model})
+    before = parse_spec(text).config_hash()
+    assert parse_spec(text).config_hash() == before  # stable while nothing changes
+    (weights,) = model.glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor
+    weights.write_bytes(bytes(data))
+    assert parse_spec(text).config_hash() != before
+
+
 def test_config_hash_ignores_placement_but_not_the_model(files):
     base = parse_spec(_yaml(files))
     assert parse_spec(_yaml(files), overrides=["ray.encoder_actors=3", "output.dir=/tmp/x"]).config_hash() == \
