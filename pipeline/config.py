@@ -246,11 +246,14 @@ class PipelineSpec:
         """Hash of everything that changes a segment row; input, output and Ray placement do not."""
         parts = {k: dataclasses.asdict(getattr(self, k)) for k in ("decode", "segments", "sampling", "tower", "model",
                                                                      "temporal", "tags")}
-        if os.path.isdir(os.path.expanduser(self.model.pretrained)):  # a local model may be retrained in place
-            parts["model"]["weights"] = _weights_digest(os.path.expanduser(self.model.pretrained))
-        if self.temporal.checkpoint:  # a retrained head changes the embeddings: hash its weights, not its path
-            parts["temporal"]["checkpoint"] = hashlib.sha256(
-                Path(self.temporal.checkpoint, "head.safetensors").read_bytes()).hexdigest()
+        # retrained in place, a local model or head changes the embeddings: hash their weights, not only the path
+        local = os.path.expanduser(self.model.pretrained)
+        if os.path.isdir(local):
+            parts["model"]["weights"] = _weights_digest(
+                f for f in glob.glob(os.path.join(local, "*")) if f.endswith((".safetensors", ".bin")))
+        if self.temporal.checkpoint:
+            parts["temporal"]["checkpoint"] = _weights_digest([os.path.join(self.temporal.checkpoint,
+                                                                             "head.safetensors")])
         parts["model"].pop("batch_size")
         parts["decode"].pop("threads")
         if self.tags.vocabulary:
@@ -270,10 +273,9 @@ class PipelineSpec:
         return sorted(found)
 
 
-def _weights_digest(directory: str) -> str:
-    """SHA-256 over a model directory's weight files (content, not names or times), cached per file state."""
-    files = sorted(f for f in glob.glob(os.path.join(directory, "*")) if f.endswith((".safetensors", ".bin")))
-    return _digest(tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
+def _weights_digest(paths) -> str:
+    """SHA-256 over the files' content (in path order), cached while no file's size or mtime changes."""
+    return _digest(tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted(paths)))
 
 
 @functools.lru_cache(maxsize=16)
