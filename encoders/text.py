@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,15 +80,17 @@ def _load_yaml(path: Path) -> Vocabulary:
     return Vocabulary(tuple(seen), synonyms, parents)
 
 
-_CACHE: dict[str, torch.Tensor] = {}
+_CACHE: "weakref.WeakKeyDictionary[object, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 def label_embeddings(encoder, vocab: Vocabulary, templates: tuple[str, ...]) -> torch.Tensor:
     """``[L, D]``: per label, the mean of the L2-normalised embeddings of every (template, phrasing) pair,
-    renormalised; cached by (model, templates, vocabulary), so an actor embeds its vocabulary once."""
-    key = hashlib.sha256(json.dumps([encoder.name, list(templates), list(vocab.labels),
+    renormalised; cached per encoder object by (templates, vocabulary), so an actor embeds its vocabulary once
+    and a model loaded again (retrained in place, another dtype) never sees another model's embeddings."""
+    key = hashlib.sha256(json.dumps([list(templates), list(vocab.labels),
                                      sorted(vocab.synonyms.items())]).encode()).hexdigest()
-    if key not in _CACHE:
+    cache = _CACHE.setdefault(encoder, {})
+    if key not in cache:
         texts, owner = [], []
         for i, label in enumerate(vocab.labels):
             for phrase in vocab.phrasings(label):
@@ -95,8 +98,8 @@ def label_embeddings(encoder, vocab: Vocabulary, templates: tuple[str, ...]) -> 
                 owner += [i] * len(templates)
         emb = F.normalize(torch.cat([encoder.encode_text(texts[i:i + 256]) for i in range(0, len(texts), 256)]), dim=-1)
         sums = torch.zeros(len(vocab.labels), emb.shape[1]).index_add_(0, torch.tensor(owner), emb)
-        _CACHE[key] = F.normalize(sums, dim=-1)
-    return _CACHE[key]
+        cache[key] = F.normalize(sums, dim=-1)
+    return cache[key]
 
 
 def null_images(resolution: int, n: int = 32) -> torch.Tensor:

@@ -121,7 +121,8 @@ def text_embeddings(spec: PipelineSpec, clips: list[LabelledClip]) -> tuple[list
             emb.append(label_embeddings(encoder, Vocabulary((text,)), spec.tags.prompts)[0])
         else:
             emb.append(F.normalize(encoder.encode_text([text]), dim=-1)[0])
-    groups = torch.tensor([texts.index(c.text) for c in clips])
+    index = {text: i for i, text in enumerate(texts)}
+    groups = torch.tensor([index[c.text] for c in clips])
     return texts, torch.stack(emb).float(), groups
 
 

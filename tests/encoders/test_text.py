@@ -56,6 +56,22 @@ def test_prompt_ensemble_is_the_normalised_mean_over_templates_and_phrasings(enc
     assert label_embeddings(encoder, vocab, templates) is emb  # cached
 
 
+def test_a_checkpoint_rewritten_in_place_gets_its_own_label_embeddings(tmp_path):
+    """The cache belongs to the loaded model, not to its path: a model retrained in place and loaded again in
+    the same process must not be scored against the old model's label embeddings."""
+    from encoders._tiny import save_tiny
+
+    vocab, templates = Vocabulary(("red circle", "blue square")), ("a {}.",)
+    words = ("red circle blue square",)
+    load = lambda: create_encoder("clip", pretrained=str(tmp_path), local_files_only=True,  # noqa: E731
+                                  dtype="float32", device="cpu")
+    save_tiny(tmp_path, seed=0, words=words)
+    old = label_embeddings(load(), vocab, templates)
+    save_tiny(tmp_path, seed=1, words=words)  # same path, other weights
+    new = label_embeddings(load(), vocab, templates)
+    assert not torch.allclose(old, new)
+
+
 def test_calibrated_confidence_is_per_label_standardised():
     torch.manual_seed(0)
     labels = F.normalize(torch.randn(3, 8), dim=-1)
