@@ -25,8 +25,11 @@ def _serve(conn, fn: Callable) -> None:
 class IsolatedDecoder:
     """Runs a row generator ``fn(*args)`` in a reusable child process; failures come back as ``on_fail`` rows."""
 
-    def __init__(self, fn: Callable[..., Iterator[dict]], *, timeout_s: float, recycle_after: int):
+    def __init__(self, fn: Callable[..., Iterator[dict]], *, timeout_s: float, recycle_after: int,
+                 timeout_setting: str = ""):
+        """``timeout_setting``: where the limit is set (named in the timeout message), e.g. a config key."""
         self.fn, self.timeout_s, self.recycle_after = fn, timeout_s, recycle_after
+        self._timeout_text = f"no progress for {timeout_s:g} s" + (f" ({timeout_setting})" if timeout_setting else "")
         self._proc = self._conn = None
         self._served = 0
 
@@ -60,8 +63,7 @@ class IsolatedDecoder:
         while True:
             if not self._conn.poll(self.timeout_s):
                 self.close(kill=True)
-                yield on_fail("timeout", f"no progress for {self.timeout_s:g} s (decode.timeout_s): decoder stopped",
-                              count)
+                yield on_fail("timeout", f"{self._timeout_text}: decoder stopped", count)
                 return
             try:
                 kind, row = self._conn.recv()

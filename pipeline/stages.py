@@ -127,7 +127,8 @@ class DecodeStage:
         d = self.spec.decode
         key = (d.timeout_s, d.recycle_after)  # one decoder process per worker process, reused across tasks
         if key not in _DECODERS:
-            _DECODERS[key] = IsolatedDecoder(decode_rows, timeout_s=d.timeout_s, recycle_after=d.recycle_after)
+            _DECODERS[key] = IsolatedDecoder(decode_rows, timeout_s=d.timeout_s, recycle_after=d.recycle_after,
+                                            timeout_setting="decode.timeout_s")
         self._decoder = _DECODERS[key]
 
     def __call__(self, item: dict) -> Iterator[dict]:

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
@@ -182,14 +183,23 @@ def test_a_video_that_hangs_the_decoder_costs_only_its_pictures(run_dir, monkeyp
     monkeypatch.setattr(jobs.report, "DECODE_TIMEOUT_S", 3.0)
     (uri,) = {row["uri"] for row in _segments(run_dir)["gone.mp4"]}
     os.mkfifo(uri)
+    # the report runs in a thread, so that a regression (decoding in this process) fails here instead of hanging
+    written = []
+    writer = threading.Thread(target=lambda: written.append(write_report(run_dir, run_dir / "hang.html")),
+                              daemon=True)
+    writer.start()
+    writer.join(120)
     try:
-        page = _parse(write_report(run_dir, run_dir / "hang.html").read_text(encoding="utf-8"))
+        assert not writer.is_alive(), "the report hung on a FIFO: thumbnails were not decoded in a child process"
     finally:
+        if writer.is_alive():  # a writer end lets the reader blocked in open() go on
+            os.close(os.open(uri, os.O_WRONLY | os.O_NONBLOCK))
         os.unlink(uri)
+    page = _parse(written[0].read_text(encoding="utf-8"))
     segments = _segments(run_dir)
     placeholders = page.all("div", "missing")
     assert len(placeholders) == len(segments["gone.mp4"])
-    assert all(p["title"].startswith("timeout: no progress for 3 s") for p in placeholders)
+    assert all(p["title"].startswith("timeout: no progress for 3 s: decoder stopped") for p in placeholders)
     assert len(page.all("img")) == len(segments["clip0.mp4"]) + len(segments["tall.mp4"])
 
 
