@@ -199,7 +199,8 @@ def _settings(spec: PipelineSpec):
 
     tr = spec.train
     return TrainSettings(loss=tr.loss, epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr,
-                         weight_decay=tr.weight_decay, seed=tr.seed, max_shift=tr.max_shift)
+                         weight_decay=tr.weight_decay, seed=tr.seed, max_shift=tr.max_shift,
+                         mean_loss=tr.mean_loss)
 
 
 def _pixel_clips(spec: PipelineSpec, manifest: str, cfg, *, log):

@@ -148,6 +148,8 @@ class TrainSpec:
     backbone: Literal["frozen", "finetune", "scratch"] = "frozen"
     loss: Literal["clip", "align"] = "clip"  # clip: symmetric InfoNCE; align: with label smoothing 0.1
     max_shift: float = field(default=0.0, metadata=_OVERLAP)  # whole-model training: random clip shift, of the side
+    # whole-model training: weight of the same loss on the mean of each clip's frame embeddings (0: off)
+    mean_loss: float = field(default=0.0, metadata=_NON_NEGATIVE)
     epochs: int = field(default=30, metadata=_POSITIVE)  # passes over the training clips
     batch_size: int = field(default=64, metadata=_POSITIVE)  # clips per step
     lr: float = field(default=1e-3, metadata=_POSITIVE)  # AdamW learning rate

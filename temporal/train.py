@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .losses import ALIGN_SMOOTHING, LOSSES, vocabulary_loss
-from .pooling import AttentionPooling
+from .pooling import AttentionPooling, mean_pool
 
 HEAD_FILE, META_FILE = "head.safetensors", "head.json"
 MAX_TEXT_BANK = 1024  # end-to-end training contrasts with all distinct texts up to this many, else in-batch ones
@@ -41,6 +41,7 @@ class HeadShape:
 class TrainSettings:
     loss: str = "clip"  # clip | align
     max_shift: float = 0.0  # end-to-end training: shift each clip by up to this fraction of the input side
+    mean_loss: float = 0.0  # end-to-end training: weight of the loss on the mean-pooled frames
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -153,8 +154,6 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
 @torch.no_grad()
 def embed_clips(head: AttentionPooling | None, data: ClipEmbeddings) -> torch.Tensor:
     """``[N, D]`` normalised clip embeddings: the head, or mean pooling when ``head`` is None."""
-    from .pooling import mean_pool
-
     if head is None:
         return mean_pool(data.frames, data.mask)
     return F.normalize(head(data.frames, data.times_s, data.mask), dim=-1)
@@ -267,7 +266,7 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
         head.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(settings.seed * 100_003 + epoch))
         shifts = torch.Generator().manual_seed(settings.seed * 100_019 + epoch)
-        total = 0.0
+        total = static_total = 0.0
         for step, first in enumerate(range(0, n, batch)):
             lr = _learning_rate(epoch * steps + step, settings.epochs * steps, settings.lr)
             for group, scale in zip(optimizer.param_groups, (1, 1, 10)):
@@ -282,8 +281,13 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
             else:  # open captions: the batch's own texts, as CLIP
                 bank_ids, groups = data.groups[idx].unique(return_inverse=True)
             bank = F.normalize(encoder.embed_texts([texts[i] for i in bank_ids.tolist()]), dim=-1)
-            loss = vocabulary_loss(video, bank, model.logit_scale.exp().clamp(max=100.0), groups,
-                                   smoothing=ALIGN_SMOOTHING if settings.loss == "align" else 0.0)
+            scale = model.logit_scale.exp().clamp(max=100.0)
+            smoothing = ALIGN_SMOOTHING if settings.loss == "align" else 0.0
+            loss = vocabulary_loss(video, bank, scale, groups, smoothing=smoothing)
+            if settings.mean_loss:  # what one frame shows goes into each frame's embedding, not only the head's
+                static = vocabulary_loss(mean_pool(frames, data.mask[idx]), bank, scale, groups, smoothing=smoothing)
+                static_total += float(static.detach()) * len(idx)
+                loss = loss + settings.mean_loss * static
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -292,6 +296,8 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
         head.eval()
         record = {"epoch": epoch + 1, "loss": round(total / n, 5),
                   "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
+        if settings.mean_loss:
+            record["mean_pooled_loss"] = round(static_total / n, 5)
         if evaluate is not None:
             record.update(evaluate(encoder, head))
         log(record)

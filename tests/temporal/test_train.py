@@ -63,7 +63,7 @@ def _scratch(directory):
 def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(tmp_path):
     """A crash after an epoch's training but before its checkpoint: the re-run starts from the previous epoch's
     checkpoint (model weights, head, optimizer moments) and ends bit-identical to a run that never stopped, random
-    shifts included."""
+    shifts and the mean-pooled loss included."""
     from encoders import create_encoder
     from encoders._tiny import save_tiny
     from temporal.train import fit_model
@@ -71,7 +71,7 @@ def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(t
     arch = save_tiny(tmp_path / "arch", words=("red", "green", "blue"), weights=False, squash=True)
     assert not list(arch.glob("*.safetensors"))  # architecture, tokenizer, preprocessing only
     data, texts, shape = _pixels(), ["red", "green", "blue"], HeadShape(dim=16)
-    settings = TrainSettings(epochs=3, batch_size=4, max_shift=0.125)
+    settings = TrainSettings(epochs=3, batch_size=4, max_shift=0.125, mean_loss=0.5)
     straight = fit_model(_scratch(arch), data, texts, shape, settings, checkpoint_dir=tmp_path / "a",
                          log=lambda r: None)
 
@@ -99,6 +99,31 @@ def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(t
     assert meta["epoch"] == 3 and opt == {}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json", "head.json",
             "head.safetensors"} <= {p.name for p in (tmp_path / "a").iterdir()}
+
+
+def test_the_mean_pooled_loss_is_trained_and_logged(tmp_path):
+    """``mean_loss``: each clip's mean frame embedding is also contrasted with its text (what one frame shows, here
+    its colour, then lives in the frames themselves, not only in the head's residual); its own loss is logged."""
+    from encoders._tiny import save_tiny
+    from temporal.train import ClipPixels, fit_model
+
+    arch = save_tiny(tmp_path / "arch", words=("red", "green", "blue"), weights=False, squash=True)
+    groups = torch.arange(12) % 3
+    colour = torch.tensor([[200, 20, 20], [20, 200, 20], [20, 20, 200]])[groups]
+    noise = torch.randint(-30, 30, (12, 4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    pixels = (colour[:, None, :, None, None] + noise).clamp(0, 255).to(torch.uint8)
+    data = ClipPixels(pixels, torch.linspace(0, 1, 4).expand(12, 4), torch.ones(12, 4, dtype=torch.bool), groups)
+    runs = {}
+    for weight in (0.0, 1.0):
+        runs[weight] = []
+        fit_model(_scratch(arch), data, ["red", "green", "blue"], HeadShape(dim=16),
+                  TrainSettings(epochs=6, batch_size=4, lr=3e-3, mean_loss=weight),
+                  checkpoint_dir=tmp_path / str(weight), log=runs[weight].append)
+    assert all("mean_pooled_loss" not in r for r in runs[0.0])
+    static = [r["mean_pooled_loss"] for r in runs[1.0]]
+    assert static[-1] < 0.5 * static[0]
+    # the logged loss is the whole objective: the head's loss plus the weighted mean-pooled one
+    assert all(r["loss"] > r["mean_pooled_loss"] for r in runs[1.0])
 
 
 def test_a_checkpoint_swap_interrupted_anywhere_is_recovered(tmp_path):
