@@ -31,8 +31,8 @@ def test_the_demo_model_tags_held_out_clips_right(held_out, tmp_path):
     assert summary["videos_ok"] == 36 and summary["videos_failed"] == 0
     scores = score_run(spec.output.dir, truth_of(held_out / "actions" / "labels.jsonl"), caption_embeddings(spec))
     assert scores["segments"] == 36
-    assert scores["colour"] >= 0.85 and scores["shape"] >= 0.5 and scores["motion"] >= 0.8, scores  # chance 0.33
-    assert scores["text_to_video_R@1"] >= 0.4, scores  # chance: about 1/36
+    assert scores["colour"] >= 0.85 and scores["shape"] >= 0.6 and scores["motion"] >= 0.8, scores  # chance 0.33
+    assert scores["text_to_video_R@1"] >= 0.6, scores  # chance: about 1/30
 
 
 @pytest.mark.slow
@@ -73,7 +73,7 @@ def test_demo_runs_offline(tmp_path):
     right = int(out.split("accuracy: ")[1].split("/")[0])
     # of 7 clips, one of them a small shape: this model gets 3 (all colours and motions; circle and square are its
     # weak point, 0.72 shape on the held-out set); the accuracy floors are held by the tests above, on 60 clips
-    assert right >= 3 and "colour 100%" in out and "motion 100%" in out, out
+    assert right >= 5 and "colour 100%" in out and "motion 100%" in out, out
     assert 'search "a red circle moving left"' in out
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and report.stat().st_size > 10_000
