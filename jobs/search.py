@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,10 @@ def score(index: Index, query: np.ndarray, top: int) -> tuple[np.ndarray, np.nda
 
     n = len(index.embeddings)
     q = torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32))
-    rough = torch.from_numpy(np.asarray(index.bf16)).view(torch.bfloat16) @ q.to(torch.bfloat16)
+    with warnings.catch_warnings():  # the index is a read-only memory map; it is only read here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        rows = torch.from_numpy(np.asarray(index.bf16))
+    rough = rows.view(torch.bfloat16) @ q.to(torch.bfloat16)
     candidates = torch.topk(rough, min(n, max(10 * top, 100))).indices.sort().values.numpy()
     exact = np.asarray(index.embeddings[candidates]) @ query.astype(np.float32)
     best = np.argsort(-exact, kind="stable")[:top]
