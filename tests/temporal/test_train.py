@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -113,17 +114,21 @@ def test_the_mean_pooled_loss_is_trained_and_logged(tmp_path):
     noise = torch.randint(-30, 30, (12, 4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
     pixels = (colour[:, None, :, None, None] + noise).clamp(0, 255).to(torch.uint8)
     data = ClipPixels(pixels, torch.linspace(0, 1, 4).expand(12, 4), torch.ones(12, 4, dtype=torch.bool), groups)
-    runs = {}
-    for weight in (0.0, 1.0):
-        runs[weight] = []
+
+    def train(weight, epochs, batch):
+        records = []
         fit_model(_scratch(arch), data, ["red", "green", "blue"], HeadShape(dim=16),
-                  TrainSettings(epochs=6, batch_size=4, lr=3e-3, mean_loss=weight),
-                  checkpoint_dir=tmp_path / str(weight), log=runs[weight].append)
-    assert all("mean_pooled_loss" not in r for r in runs[0.0])
-    static = [r["mean_pooled_loss"] for r in runs[1.0]]
+                  TrainSettings(epochs=epochs, batch_size=batch, lr=3e-3, mean_loss=weight),
+                  checkpoint_dir=tmp_path / f"{weight}-{epochs}", log=records.append)
+        return records
+
+    # one step: the untrained head is exactly mean pooling, so the objective is (1 + weight) x the mean-pooled loss
+    (single,) = train(0.5, 1, 12)
+    assert single["loss"] == pytest.approx(1.5 * single["mean_pooled_loss"], rel=1e-4)
+    (off,) = train(0.0, 1, 12)
+    assert "mean_pooled_loss" not in off and off["loss"] == pytest.approx(single["mean_pooled_loss"], rel=1e-4)
+    static = [r["mean_pooled_loss"] for r in train(1.0, 6, 4)]
     assert static[-1] < 0.5 * static[0]
-    # the logged loss is the whole objective: the head's loss plus the weighted mean-pooled one
-    assert all(r["loss"] > r["mean_pooled_loss"] for r in runs[1.0])
 
 
 def test_a_checkpoint_swap_interrupted_anywhere_is_recovered(tmp_path):
