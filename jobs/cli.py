@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(summary_line(spec))
             return 0
+        if spec.tower.fusion == "attention" and not spec.temporal.checkpoint and args.command != "train":
+            raise ConfigError([f"{args.config} tower.fusion: attention is trained with the temporal head: set "
+                               "temporal.checkpoint to one trained with this tower (`reeltag train` trains one)"])
         if args.command in ("train", "eval"):
             return _train_or_eval(args.command, spec)
         if not spec.has_input:  # allowed in a training config, not in one that tags an archive

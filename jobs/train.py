@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_s
              for c in clips}
     parts = [[(c.uri, c.start_s, c.end_s) for c in clips], sorted(files.items()), spec.sampling.frames, short_side,
              spec.decode.backend, kind, detail]
-    if kind == "frames":  # embeddings depend on the model; pixels only on its preprocessing (short_side, detail)
+    if kind != "pixels":  # embeddings depend on the model; pixels only on its preprocessing (short_side, detail)
         parts += [spec.model_id(), str(spec.tower), spec.model.dtype]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
@@ -90,13 +91,16 @@ def _per_clip(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_si
 
 
 def frame_embeddings(spec: PipelineSpec, clips: list[LabelledClip], *, log=print):
-    """``[N,T,D]`` fused frame embeddings (float32), times ``[N,T]``, and which clips decoded; cached."""
+    """``[N,T,D]`` fused frame embeddings (float32), times ``[N,T]``, and which clips decoded; cached. With
+    ``tower.fusion: attention`` (trained with the head) every view instead: ``[N,T,V,D]``, the whole frame first,
+    for all frames whatever ``tower.fine_frames`` says (the fusion treats each frame on its own)."""
     from .run import decode_short_side
 
+    if spec.tower.fusion == "attention":
+        tower = _load_encoder(spec.model, replace(spec.tower, fine_frames="all"))[1]
+        return _per_clip(spec, clips, "views", decode_short_side(spec), lambda x: tower(x)[1].float(), log=log)
     tower = _encoder(spec)[1]
-    frames, times, ok = _per_clip(spec, clips, "frames", decode_short_side(spec), lambda x: tower(x)[0].float(),
-                                  log=log)
-    return frames, times, ok
+    return _per_clip(spec, clips, "frames", decode_short_side(spec), lambda x: tower(x)[0].float(), log=log)
 
 
 def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg, *, log=print):
@@ -133,9 +137,18 @@ def load_clips(spec: PipelineSpec, manifest: str, *, log=print):
     frames, times, ok = frame_embeddings(spec, clips, log=log)
     texts, text_emb, groups = text_embeddings(spec, clips)
     keep = ok.nonzero().flatten()
-    data = ClipEmbeddings(frames[keep], times[keep], torch.ones(len(keep), frames.shape[1], dtype=torch.bool),
-                          text_emb[groups[keep]], groups[keep])
+    views = frames[keep] if frames.ndim == 4 else None
+    data = ClipEmbeddings(frames[keep] if views is None else views[:, :, 0], times[keep],
+                          torch.ones(len(keep), frames.shape[1], dtype=torch.bool), text_emb[groups[keep]],
+                          groups[keep], views, None if views is None else torch.tensor(spec.tower.view_levels))
     return data, texts, text_emb
+
+
+def _fusion(spec: PipelineSpec, dim: int):
+    """The tower's view fusion to train with the head (``tower.fusion: attention``), else None."""
+    from encoders.tower import ViewAttention
+
+    return ViewAttention(dim) if spec.tower.fusion == "attention" else None
 
 
 def evaluate(head, data, texts: list[str], text_emb: torch.Tensor) -> dict:
@@ -181,15 +194,21 @@ def run_train(spec: PipelineSpec) -> dict:
     held_out = load_clips(spec, spec.train.eval_manifest, log=log) if spec.train.eval_manifest else None
     tr, settings = spec.train, _settings(spec)
     shape = HeadShape(dim=data.frames.shape[-1], heads=tr.heads, layers=tr.layers)
+    fuse = _fusion(spec, shape.dim)  # trained with the head and saved in its checkpoint
     started = time.monotonic()
-    head = fit(data, shape, settings, checkpoint_dir=out / "head", log=log,
-               evaluate=(lambda h: {"val_" + k: v for k, v in evaluate(h, *held_out).items()
-                                    if k in ("R@1", "top1")}) if held_out else None)
+
+    def validate(head) -> dict:
+        data, texts, text_emb = held_out
+        return {"val_" + k: v for k, v in evaluate(head, data.fused(fuse), texts, text_emb).items()
+                if k in ("R@1", "top1")}
+
+    head = fit(data, shape, settings, checkpoint_dir=out / "head", log=log, fuse=fuse,
+               evaluate=validate if held_out else None)
     summary = {"clips": len(data.frames), "texts": len(texts), "epochs": tr.epochs,
                "seconds": round(time.monotonic() - started, 1), "checkpoint": str(out / "head"),
-               "train": evaluate(head, data, texts, text_emb)}
+               "train": evaluate(head, data.fused(fuse), texts, text_emb)}
     if held_out:
-        summary["eval"] = evaluate(head, *held_out)
+        summary["eval"] = evaluate(head, held_out[0].fused(fuse), *held_out[1:])
     (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -232,6 +251,9 @@ def _run_train_model(spec: PipelineSpec, out: Path, log) -> dict:
     from temporal.train import META_FILE, HeadShape, fit_model, recover_checkpoint
 
     tr, m = spec.train, spec.model
+    if spec.tower.levels != (1,):
+        raise TrainError(f"train.backbone: {tr.backbone} trains on the whole frame only: set tower.levels: [1] "
+                         "(tiles and their fusion train with train.backbone: frozen)")
     checkpoint = recover_checkpoint(out / "model")
     resume = (checkpoint / META_FILE).exists()
     # training runs in float32 whatever model.dtype says (bf16 weights do not train well)
@@ -257,14 +279,17 @@ def _run_train_model(spec: PipelineSpec, out: Path, log) -> dict:
 
 
 def run_eval(spec: PipelineSpec) -> dict:
-    from temporal.train import load_checkpoint
+    from temporal.train import load_checkpoint, load_fusion
 
     if not spec.train.eval_manifest:
         raise TrainError("train.eval_manifest is not set: point it at a .jsonl/.csv of held-out labelled clips")
     data, texts, text_emb = load_clips(spec, spec.train.eval_manifest, log=lambda r: None)
     head = load_checkpoint(spec.temporal.checkpoint)[0] if spec.temporal.checkpoint else None
-    result = {"pooling": spec.temporal.pooling if head is not None else "mean", **evaluate(head, data, texts,
-                                                                                            text_emb)}
+    fuse = _fusion(spec, data.frames.shape[-1])
+    if fuse is not None:
+        load_fusion(spec.temporal.checkpoint, fuse)
+    result = {"pooling": spec.temporal.pooling if head is not None else "mean",
+              **evaluate(head, data.fused(fuse), texts, text_emb)}
     out = Path(spec.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -93,7 +93,7 @@ class SamplingSpec:
 @dataclass(frozen=True)
 class TowerSpec:
     levels: tuple[int, ...] = (1,)  # pyramid levels: 1 whole frame, 2 a 2x2 grid of tiles, 3 a 4x4 grid
-    fusion: Literal["global", "mean", "attention"] = "global"  # global: level 1; mean: all views; attention: learned
+    fusion: Literal["global", "mean", "attention"] = "global"  # global: level 1; mean: all views; attention: trained
     fine_frames: int | str = "all"  # frames of a segment that get levels >= 2: all, middle, or a count k
     tile_overlap: float = field(default=0.125, metadata=_OVERLAP)  # fraction of a tile shared with its neighbour
 
@@ -106,6 +106,11 @@ class TowerSpec:
             raise _FieldProblem("fusion", "'global' uses level 1 only; set tower.levels: [1] or fusion: mean")
         if not (self.fine_frames in ("all", "middle") or (isinstance(self.fine_frames, int) and self.fine_frames > 0)):
             raise _FieldProblem("fine_frames", f"must be all, middle or a positive count, got {self.fine_frames!r}")
+
+    @property
+    def view_levels(self) -> list[int]:
+        """The level of each view of a frame, in the tower's order: the whole frame, then each level's tiles."""
+        return [1] + [level for level in self.levels if level > 1 for _ in range(4 ** (level - 1))]
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,14 @@ class PipelineSpec:
 
         if not self.has_input and self.train.manifest is None:  # a training config may have no archive to tag
             raise _FieldProblem("input.paths", INPUT_REQUIRED)
+        if self.tower.fusion == "attention" and self.temporal.checkpoint:  # the fusion is trained with the head
+            meta = os.path.join(self.temporal.checkpoint, "head.json")
+            trained = json.loads(open(meta).read()).get("view_levels") if os.path.isfile(meta) else None
+            if trained != self.tower.view_levels:
+                found = "no view fusion" if trained is None else f"a fusion of levels {sorted(set(trained))}"
+                raise _FieldProblem("tower.fusion", f"attention needs a fusion trained for levels "
+                                    f"{list(self.tower.levels)} and temporal.checkpoint has {found}: `reeltag "
+                                    "train` with this tower (train.backbone: frozen) trains one")
         if self.input.manifest is not None and not os.path.isfile(self.input.manifest):
             raise _FieldProblem("input.manifest", f"file not found: {self.input.manifest}")
         for i, pattern in enumerate(self.input.paths):

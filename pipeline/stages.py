@@ -169,6 +169,10 @@ class EncodeStage:
                                       dtype=m.dtype, device=m.device)
         self.tower = HierarchicalTower(self.encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
                                        fine_frames=t.fine_frames, overlap=t.tile_overlap)
+        if t.fusion == "attention":  # trained with the head; the config checked it was for these views
+            from temporal.train import load_fusion
+
+            load_fusion(self.spec.temporal.checkpoint, self.tower.fuse)
         if self.spec.temporal.checkpoint:
             from temporal.train import load_checkpoint
 

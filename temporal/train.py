@@ -11,7 +11,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,22 +51,43 @@ class TrainSettings:
 
 @dataclass
 class ClipEmbeddings:
-    """What the head trains on: per clip, frame embeddings, their times, a mask, and a text embedding."""
+    """What the head trains on: per clip, frame embeddings, their times, a mask, and a text embedding; for a
+    learned view fusion (``tower.fusion: attention``) also every view of every frame."""
 
-    frames: torch.Tensor  # [N, T, D] L2-normalised frame embeddings
+    frames: torch.Tensor  # [N, T, D] L2-normalised frame embeddings (the whole frame's, when there are views)
     times_s: torch.Tensor  # [N, T] seconds
     mask: torch.Tensor  # [N, T] bool, True for real frames
     text: torch.Tensor  # [N, D] L2-normalised caption/label embeddings
     groups: torch.Tensor  # [N] int: clips with the same text share a group
+    views: torch.Tensor | None = None  # [N, T, V, D] L2-normalised views of each frame, the whole frame first
+    view_levels: torch.Tensor | None = None  # [V] tower level of each view (1, then 2s, then 3s)
+
+    def fused(self, fuse: torch.nn.Module | None) -> "ClipEmbeddings":
+        """The same clips with each frame's views fused by ``fuse`` (no gradient); itself without a fusion."""
+        if fuse is None:
+            return self
+        with torch.no_grad():
+            frames = fuse_views(fuse, self.views, self.view_levels)
+        return replace(self, frames=frames)
+
+
+def fuse_views(fuse: torch.nn.Module, views: torch.Tensor, view_levels: torch.Tensor) -> torch.Tensor:
+    """``[B,T,V,D]`` views -> ``[B,T,D]`` fused frame embeddings (the tower's fusion, one frame at a time)."""
+    return fuse(views.flatten(0, 1), view_levels).view(*views.shape[:2], -1)
 
 
 def save_checkpoint(directory: str | Path, head: AttentionPooling, shape: HeadShape, log_scale: torch.Tensor, *,
                     epoch: int, settings: TrainSettings, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write ``head.safetensors`` and ``head.json`` into ``directory`` atomically (temporary name, rename)."""
+                    extra: dict | None = None, fuse: torch.nn.Module | None = None,
+                    view_levels: torch.Tensor | None = None) -> Path:
+    """Write ``head.safetensors`` and ``head.json`` into ``directory`` atomically (temporary name, rename); with
+    ``fuse``, the trained view fusion too (``fuse.*`` tensors; ``view_levels`` in the meta)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    if fuse is not None:
+        tensors.update({f"fuse.{k}": v.detach().contiguous() for k, v in fuse.state_dict().items()})
+        extra = {**(extra or {}), "view_levels": view_levels.tolist()}
     tensors["log_logit_scale"] = log_scale.detach().reshape(1)  # the learned parameter; logit scale = exp
     groups = []
     if optimizer is not None:
@@ -97,6 +118,19 @@ def load_checkpoint(path: str | Path) -> tuple[AttentionPooling, torch.Tensor, d
     return head.eval(), tensors["log_logit_scale"][0], meta, opt
 
 
+def load_fusion(path: str | Path | None, fuse: torch.nn.Module) -> torch.nn.Module:
+    """Load the view fusion trained with the head at ``path`` into ``fuse`` (which views it was trained on is
+    ``view_levels`` in ``head.json``; the config checks them against the tower's)."""
+    if path is None:
+        raise ValueError("tower.fusion: attention needs temporal.checkpoint: a head trained with that fusion")
+    directory = Path(path) if Path(path).is_dir() else Path(path).parent
+    state = {k[5:]: v for k, v in load_file(directory / HEAD_FILE).items() if k.startswith("fuse.")}
+    if not state:
+        raise ValueError(f"{directory} has no trained view fusion (train one with tower.fusion: attention)")
+    fuse.load_state_dict(state)
+    return fuse.eval()
+
+
 def _restore_optimizer(optimizer: torch.optim.Optimizer, meta: dict, opt: dict) -> None:
     state: dict = {}
     for key, value in opt.items():
@@ -107,20 +141,24 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, meta: dict, opt: dict) 
 
 def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, checkpoint_dir: str | Path,
         log: Callable[[dict], None] = print, evaluate: Callable[[AttentionPooling], dict] | None = None,
-        init_logit_scale: float = math.log(1 / 0.07)) -> AttentionPooling:
+        init_logit_scale: float = math.log(1 / 0.07), fuse: torch.nn.Module | None = None) -> AttentionPooling:
     """Train (or resume, if ``checkpoint_dir`` holds a checkpoint) for ``settings.epochs`` epochs; checkpoint
-    after every epoch. Each epoch's shuffle is seeded by (seed, epoch), so a resumed run continues exactly."""
+    after every epoch. Each epoch's shuffle is seeded by (seed, epoch), so a resumed run continues exactly.
+    With ``fuse`` (the tower's view fusion, trained in place with the head) the head reads ``data.views`` fused."""
     checkpoint_dir = Path(checkpoint_dir)
     head = shape.build()
     log_scale = torch.nn.Parameter(torch.tensor(init_logit_scale))
+    trained = list(head.parameters()) + (list(fuse.parameters()) if fuse is not None else [])
     # the temperature moves 10x faster: it must grow well past its init when captions embed close together
-    optimizer = torch.optim.AdamW([{"params": head.parameters()},
+    optimizer = torch.optim.AdamW([{"params": trained},
                                    {"params": [log_scale], "weight_decay": 0.0, "lr": 10 * settings.lr}],
                                   lr=settings.lr, weight_decay=settings.weight_decay)
     start = 0
     if (checkpoint_dir / HEAD_FILE).exists():
         restored, scale, meta, opt = load_checkpoint(checkpoint_dir)
         head.load_state_dict(restored.state_dict())
+        if fuse is not None:
+            load_fusion(checkpoint_dir, fuse)
         with torch.no_grad():
             log_scale.copy_(scale)
         _restore_optimizer(optimizer, meta, opt)
@@ -134,7 +172,8 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
         total = 0.0
         for first in range(0, n, settings.batch_size):
             idx = order[first:first + settings.batch_size]
-            video = head(data.frames[idx], data.times_s[idx], data.mask[idx])
+            frames = data.frames[idx] if fuse is None else fuse_views(fuse, data.views[idx], data.view_levels)
+            video = head(frames, data.times_s[idx], data.mask[idx])
             loss = loss_fn(video, data.text[idx], log_scale.exp().clamp(max=100.0), data.groups[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,7 +186,7 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
             record.update(evaluate(head))
         log(record)
         save_checkpoint(checkpoint_dir, head, shape, log_scale, epoch=epoch + 1, settings=settings,
-                        optimizer=optimizer)
+                        optimizer=optimizer, fuse=fuse, view_levels=data.view_levels)
     return head.eval()
 
 

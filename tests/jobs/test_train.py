@@ -144,3 +144,46 @@ def test_reeltag_train_a_whole_model_from_scratch(tmp_path):
     rows = [r for r in run_sequential(spec, uris, short_side=decode_short_side(spec)).to_pylist()
             if r["kind"] == "segment"]
     assert np.mean([r["tags"][0]["label"] == lab["colour"] for r, lab in zip(rows, labels)]) >= 0.9
+
+
+@pytest.mark.slow
+def test_reeltag_train_trains_the_tower_fusion_with_the_head(motion_set, tmp_path):
+    """`tower.fusion: attention` is trained by `reeltag train` (frozen backbone) together with the head, saved in
+    its checkpoint with the levels of its views, and loaded by `reeltag eval` and by the pipeline; a config that
+    asks for it without such a checkpoint is refused, naming the key."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import ConfigError
+
+    root, config = motion_set
+    tower = ["tower.levels=[1,2]", "tower.fusion=attention", "tower.fine_frames=middle"]
+    sets = [arg for item in tower for arg in ("--set", item)]
+    out = tmp_path / "out"
+    trained = reeltag("train", config, *sets, "--set", f"output.dir={out}", "--set", "train.epochs=20")
+    assert trained.returncode == 0, trained.stderr
+    head = out / "head"
+    assert json.loads((head / "head.json").read_text())["view_levels"] == [1, 2, 2, 2, 2]
+    fuse = {k: v for k, v in load_file(head / "head.safetensors").items() if k.startswith("fuse.")}
+    assert fuse and fuse["fuse.out.weight"].abs().sum() > 0  # zero-initialised: it trained
+    summary = json.loads((out / "train.json").read_text())
+    evaluated = reeltag("eval", config, *sets, "--set", f"output.dir={out}", "--set", f"temporal.checkpoint={head}")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads((out / "eval.json").read_text())
+    assert {k: result[k] for k in summary["eval"]} == summary["eval"]  # the loaded fusion is the trained one
+
+    def embeddings(*overrides):  # decoded at the tiles' resolution either way, so level 1 sees the same pixels
+        spec = parse_spec(config.read_text(), overrides=[f"temporal.checkpoint={head}", f"output.dir={out}",
+                                                         "segments.mode=whole", *overrides])
+        uris = [json.loads(line)["uri"] for line in (root / "val" / "labels.jsonl").read_text().splitlines()][:3]
+        rows = run_sequential(spec, uris, short_side=64).to_pylist()
+        return np.stack([r["embedding"] for r in rows if r["kind"] == "segment"])
+
+    # the pipeline fuses the middle frame's views with the trained fusion: not the whole frame alone any more
+    # (an untrained attention fusion is exactly the whole frame)
+    assert not np.allclose(embeddings(*tower), embeddings(), atol=1e-4)
+
+    refused = reeltag("run", config, *sets)  # no temporal.checkpoint
+    assert refused.returncode == 2 and "tower.fusion: attention" in refused.stderr, refused.stderr
+    with pytest.raises(ConfigError, match=r"tower.fusion.*levels \[1, 2\]"):  # trained on other views
+        parse_spec(config.read_text(), overrides=["tower.levels=[1,3]", "tower.fusion=attention",
+                                                  f"temporal.checkpoint={head}"])

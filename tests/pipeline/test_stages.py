@@ -24,7 +24,7 @@ def test_tower_levels_give_region_tags_with_boxes(archive, tiny_clip_dir, tmp_pa
     vocab = tmp_path / "v.yaml"
     vocab.write_text("- label: red circle\n  synonyms: [a red ball]\n- blue square\n- green triangle\n")
     spec = _spec(archive, tiny_clip_dir, vocab, tmp_path,
-                 "tower: {levels: [1, 2], fusion: attention, fine_frames: middle}\n")
+                 "tower: {levels: [1, 2], fusion: mean, fine_frames: middle}\n")
     rows = [r for r in run_sequential(spec, [str(archive / "clip0.mp4")], short_side=64).to_pylist()
             if r["kind"] == "segment"]
     assert len(rows) == 3
@@ -34,10 +34,6 @@ def test_tower_levels_give_region_tags_with_boxes(archive, tiny_clip_dir, tmp_pa
         assert boxes[:, 0].min() == pytest.approx((96 - 64) / 2 / 96) and boxes[:, 3].max() == pytest.approx(1.0)
         assert all(t["label"] in ("red circle", "blue square", "green triangle") for t in row["region_tags"])
         assert all(0 <= t["confidence"] <= 1 for t in row["tags"] + row["region_tags"])
-    plain = run_sequential(_spec(archive, tiny_clip_dir, vocab, tmp_path), [str(archive / "clip0.mp4")],
-                           short_side=64).to_pylist()
-    # untrained attention fusion is exactly the whole frame: same embeddings as tower.levels [1]
-    assert np.allclose(rows[0]["embedding"], plain[0]["embedding"], atol=1e-5)
 
 
 def test_align_checkpoint_runs_the_same_pipeline(archive, tiny_align_dir, vocab_file, tmp_path):

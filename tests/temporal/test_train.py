@@ -45,6 +45,39 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_a_view_fusion_trains_with_the_head_and_resumes_exactly(tmp_path):
+    """``tower.fusion: attention`` is trained with the head (frozen backbone): it starts as the whole frame (a
+    zero-initialised residual), moves, is saved as ``fuse.*`` with the views' levels, and resumes like the head."""
+    from encoders.tower import ViewAttention
+    from temporal.train import load_fusion
+
+    base = _data()
+    views = F.normalize(torch.randn(24, 6, 5, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    data = ClipEmbeddings(views[:, :, 0], base.times_s, base.mask, base.text, base.groups, views,
+                          torch.tensor([1, 2, 2, 2, 2]))
+    assert torch.allclose(data.fused(ViewAttention(16)).frames, data.frames, atol=1e-6)  # untrained: whole frame
+    shape, settings = HeadShape(dim=16), TrainSettings(epochs=4, batch_size=8)
+    torch.manual_seed(0)
+    fuse = ViewAttention(16)
+    head = fit(data, shape, settings, checkpoint_dir=tmp_path / "a", log=lambda r: None, fuse=fuse)
+    assert fuse.out.weight.abs().sum() > 0
+    assert json.loads((tmp_path / "a" / "head.json").read_text())["view_levels"] == [1, 2, 2, 2, 2]
+    loaded = load_fusion(tmp_path / "a", ViewAttention(16))
+    assert all(torch.equal(a, b) for a, b in zip(fuse.state_dict().values(), loaded.state_dict().values()))
+
+    torch.manual_seed(0)
+    fit(data, shape, TrainSettings(epochs=2, batch_size=8), checkpoint_dir=tmp_path / "b", log=lambda r: None,
+        fuse=ViewAttention(16))
+    resumed_fuse = ViewAttention(16)
+    resumed = fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=lambda r: None, fuse=resumed_fuse)
+    for a, b in zip([*head.state_dict().values(), *fuse.state_dict().values()],
+                    [*resumed.state_dict().values(), *resumed_fuse.state_dict().values()]):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="no trained view fusion"):  # a head trained without one
+        fit(base, shape, TrainSettings(epochs=1), checkpoint_dir=tmp_path / "c", log=lambda r: None)
+        load_fusion(tmp_path / "c", ViewAttention(16))
+
+
 def _pixels(n=12, t=4, r=32, seed=0):
     from temporal.train import ClipPixels
 
