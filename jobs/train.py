@@ -198,8 +198,8 @@ def run_train(spec: PipelineSpec) -> dict:
     started = time.monotonic()
 
     def validate(head) -> dict:
-        data, texts, text_emb = held_out
-        return {"val_" + k: v for k, v in evaluate(head, data.fused(fuse), texts, text_emb).items()
+        clips, clip_texts, clip_text_emb = held_out
+        return {"val_" + k: v for k, v in evaluate(head, clips.fused(fuse), clip_texts, clip_text_emb).items()
                 if k in ("R@1", "top1")}
 
     head = fit(data, shape, settings, checkpoint_dir=out / "head", log=log, fuse=fuse,
