@@ -132,6 +132,9 @@ def load_fusion(path: str | Path | None, fuse: torch.nn.Module) -> torch.nn.Modu
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, meta: dict, opt: dict) -> None:
+    """Put the checkpoint's moments back; a finished run dropped them, and more epochs then start fresh ones."""
+    if not meta["param_groups"]:
+        return
     state: dict = {}
     for key, value in opt.items():
         index, name = key.split(".", 1)
@@ -143,7 +146,8 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
         log: Callable[[dict], None] = print, evaluate: Callable[[AttentionPooling], dict] | None = None,
         init_logit_scale: float = math.log(1 / 0.07), fuse: torch.nn.Module | None = None) -> AttentionPooling:
     """Train (or resume, if ``checkpoint_dir`` holds a checkpoint) for ``settings.epochs`` epochs; checkpoint
-    after every epoch. Each epoch's shuffle is seeded by (seed, epoch), so a resumed run continues exactly.
+    after every epoch, with the optimizer's moments until the last. Each epoch's shuffle is seeded by (seed,
+    epoch), so a run resumed after a crash continues exactly.
     With ``fuse`` (the tower's view fusion, trained in place with the head) the head reads ``data.views`` fused."""
     checkpoint_dir = Path(checkpoint_dir)
     head = shape.build()
@@ -186,7 +190,8 @@ def fit(data: ClipEmbeddings, shape: HeadShape, settings: TrainSettings, *, chec
             record.update(evaluate(head))
         log(record)
         save_checkpoint(checkpoint_dir, head, shape, log_scale, epoch=epoch + 1, settings=settings,
-                        optimizer=optimizer, fuse=fuse, view_levels=data.view_levels)
+                        optimizer=optimizer if epoch + 1 < settings.epochs else None, fuse=fuse,
+                        view_levels=data.view_levels)
     return head.eval()
 
 
@@ -297,8 +302,7 @@ def fit_model(encoder, data: ClipPixels, texts: list[str], shape: HeadShape, set
         restored, _, meta, opt = load_checkpoint(checkpoint_dir)
         head.load_state_dict(restored.state_dict())
         start = meta["epoch"]
-        if start < settings.epochs:
-            _restore_optimizer(optimizer, meta, opt)
+        _restore_optimizer(optimizer, meta, opt)
         log({"resumed_from_epoch": start})
     for epoch in range(start, settings.epochs):
         model.train()

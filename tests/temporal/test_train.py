@@ -30,19 +30,30 @@ def test_checkpoint_round_trip(tmp_path):
     assert meta["shape"] == {"dim": 16, "heads": 4, "layers": 1, "queries": 1}
 
 
+def _crash_in_epoch(n):
+    def log(record):
+        if record.get("epoch") == n:  # after the epoch's training, before its checkpoint
+            raise KeyboardInterrupt
+    return log
+
+
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
-    data, shape = _data(), HeadShape(dim=16)
+    data, shape, settings = _data(), HeadShape(dim=16), TrainSettings(epochs=4, batch_size=8)
     torch.manual_seed(0)
-    straight = fit(data, shape, TrainSettings(epochs=4, batch_size=8), checkpoint_dir=tmp_path / "a",
-                   log=lambda r: None)
+    straight = fit(data, shape, settings, checkpoint_dir=tmp_path / "a", log=lambda r: None)
     torch.manual_seed(0)
-    fit(data, shape, TrainSettings(epochs=2, batch_size=8), checkpoint_dir=tmp_path / "b", log=lambda r: None)
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=_crash_in_epoch(3))
     records = []
-    resumed = fit(data, shape, TrainSettings(epochs=4, batch_size=8), checkpoint_dir=tmp_path / "b",
-                  log=records.append)
+    resumed = fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=records.append)
     assert records[0] == {"resumed_from_epoch": 2} and records[-1]["epoch"] == 4
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
+    # the finished checkpoint drops the optimizer's moments; asking for more epochs starts fresh ones
+    assert load_checkpoint(tmp_path / "a")[3] == {}
+    more = []
+    fit(data, shape, TrainSettings(epochs=5, batch_size=8), checkpoint_dir=tmp_path / "a", log=more.append)
+    assert more[0] == {"resumed_from_epoch": 4} and more[-1]["epoch"] == 5
 
 
 def test_a_view_fusion_trains_with_the_head_and_resumes_exactly(tmp_path):
@@ -66,8 +77,8 @@ def test_a_view_fusion_trains_with_the_head_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fuse.state_dict().values(), loaded.state_dict().values()))
 
     torch.manual_seed(0)
-    fit(data, shape, TrainSettings(epochs=2, batch_size=8), checkpoint_dir=tmp_path / "b", log=lambda r: None,
-        fuse=ViewAttention(16))
+    with pytest.raises(KeyboardInterrupt):
+        fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=_crash_in_epoch(3), fuse=ViewAttention(16))
     resumed_fuse = ViewAttention(16)
     resumed = fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=lambda r: None, fuse=resumed_fuse)
     for a, b in zip([*head.state_dict().values(), *fuse.state_dict().values()],
