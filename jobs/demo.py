@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.config import load_spec
 from pipeline.synth import Clip, write_clips
-from pipeline.writer import read_table
+from pipeline.writer import latest_config, read_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -46,8 +46,11 @@ def truth_of(labels: str | Path) -> dict[str, str]:
 
 
 def score_run(out_dir: str | Path, truth: dict[str, str], text_emb: dict[str, np.ndarray] | None = None) -> dict:
-    """:func:`score_rows` of an output directory's segments."""
-    return score_rows(read_table(out_dir, "segments").to_pylist(), truth, text_emb)
+    """:func:`score_rows` of an output directory's segments (of its latest config: a directory re-used with
+    another model or config keeps the earlier run's rows too)."""
+    latest = latest_config(out_dir)
+    rows = read_table(out_dir, "segments", latest[0]).to_pylist() if latest else []
+    return score_rows(rows, truth, text_emb)
 
 
 def score_rows(rows: list[dict], truth: dict[str, str], text_emb: dict[str, np.ndarray] | None = None) -> dict:

@@ -21,9 +21,8 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
-from pipeline.writer import read_table
+from pipeline.writer import latest_config, read_table
 
 TIMELINE_LABELS = 8  # labels (rows) of a video's timeline: those with the highest summed score
 ACTION_ROWS = 200  # actions listed in the report; the rest are counted
@@ -66,11 +65,10 @@ def write_report(output_dir: str | Path, out: str | Path | None = None, *, thumb
 def _load(out_dir: Path) -> _Run:
     if not (out_dir / "manifest").is_dir():
         raise ReportError(f"{out_dir}: not a reeltag output directory (no manifest/; run `reeltag run` first)")
-    manifest = read_table(out_dir, "manifest")
-    if manifest.num_rows == 0:
+    latest = latest_config(out_dir)
+    if latest is None:
         raise ReportError(f"{out_dir}: no committed videos (run `reeltag run` first)")
-    latest = int(np.argmax(manifest["committed_at"].to_numpy()))
-    config_hash, model = manifest["config_hash"][latest].as_py(), manifest["model"][latest].as_py()
+    config_hash, model = latest
     by_video: dict[str, list[dict]] = defaultdict(list)
     for row in _rows(out_dir, "segments", config_hash, _COLUMNS):
         by_video[row["video_id"]].append(row)
@@ -83,8 +81,7 @@ def _load(out_dir: Path) -> _Run:
 
 
 def _rows(out_dir: Path, name: str, config_hash: str, columns: list[str] | None = None) -> list[dict]:
-    table = read_table(out_dir, name)
-    table = table.filter(pc.equal(table["config_hash"], config_hash))
+    table = read_table(out_dir, name, config_hash)
     return (table.select(columns) if columns else table).to_pylist()
 
 

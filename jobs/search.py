@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.writer import read_table
+from pipeline.writer import latest_config, read_table
 
 
 class SearchError(RuntimeError):
@@ -37,14 +36,6 @@ class Index:
     config_hash: str
 
 
-def _latest_config(out: Path) -> tuple[str, str]:
-    manifest = read_table(out, "manifest")
-    if manifest.num_rows == 0:
-        raise SearchError(f"{out}: no committed videos (run `reeltag run` first)")
-    latest = int(np.argmax(manifest["committed_at"].to_numpy()))
-    return manifest["config_hash"][latest].as_py(), manifest["model"][latest].as_py()
-
-
 def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
     """Load the index of ``out_dir`` for ``config_hash`` (the latest run's by default), building it if stale."""
     import torch
@@ -52,15 +43,16 @@ def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
     out = Path(out_dir)
     if not (out / "manifest").is_dir():
         raise SearchError(f"{out}: not a reeltag output directory (no manifest/)")
-    latest_config, model = _latest_config(out)
-    config_hash = config_hash or latest_config
+    latest = latest_config(out)
+    if latest is None:
+        raise SearchError(f"{out}: no committed videos (run `reeltag run` first)")
+    config_hash = config_hash or latest[0]
     shards = sorted(p.name for p in (out / "manifest").glob("*.parquet"))
     stamp = hashlib.sha256(json.dumps([config_hash, shards]).encode()).hexdigest()[:16]
     directory = out / "index" / config_hash
     meta_path = directory / "meta.json"
     if not meta_path.exists() or json.loads(meta_path.read_text()).get("stamp") != stamp:
-        segments = read_table(out, "segments")
-        segments = segments.filter(pc.equal(segments["config_hash"], config_hash))
+        segments = read_table(out, "segments", config_hash)
         if segments.num_rows == 0:
             raise SearchError(f"{out}: no segments for config {config_hash}")
         model = segments["model"][0].as_py()

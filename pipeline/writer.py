@@ -101,12 +101,28 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_table(out_dir: str | Path, name: str) -> pa.Table:
+def latest_config(out_dir: str | Path) -> tuple[str, str] | None:
+    """(config hash, model) of the most recent commit under ``out_dir``; None if nothing was committed. An output
+    directory can hold runs of several configs: readers show the latest one's."""
+    manifest = read_table(out_dir, "manifest")
+    if manifest.num_rows == 0:
+        return None
+    at = manifest["committed_at"].to_pylist()
+    latest = at.index(max(at))
+    return manifest["config_hash"][latest].as_py(), manifest["model"][latest].as_py()
+
+
+def read_table(out_dir: str | Path, name: str, config_hash: str | None = None) -> pa.Table:
     """All committed rows of ``segments``, ``errors``, ``manifest`` or ``actions`` under ``out_dir`` as one table
-    (empty, with the schema, if none). A video's rows come from its latest commit only."""
+    (empty, with the schema, if none), of every config or only of ``config_hash``. A video's rows come from its
+    latest commit only."""
+    table = _read_table(Path(out_dir), name)
+    return table if config_hash is None else table.filter(pc.equal(table["config_hash"], config_hash))
+
+
+def _read_table(out_dir: Path, name: str) -> pa.Table:
     schema = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA, "actions": ACTIONS_SCHEMA,
               "manifest": MANIFEST_SCHEMA}[name]
-    out_dir = Path(out_dir)
     if name == "actions":
         files = sorted((out_dir / name).glob("*.parquet"))
         return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import parse_spec
 from pipeline.stages import decode_rows
-from pipeline.writer import STREAM_SCHEMA, OutputWriter, read_table, write_actions
+from pipeline.writer import STREAM_SCHEMA, OutputWriter, latest_config, read_table, write_actions
 
 
 def _segment(vid, i, start, end, tags):
@@ -82,3 +82,16 @@ def test_a_re_done_video_is_read_from_its_latest_commit_only(tmp_path):
         writer.flush()
     assert read_table(tmp_path, "segments").num_rows == 2 and read_table(tmp_path, "manifest").num_rows == 2
     assert writer.finished() == {("a", "1:1"), ("a", "2:2")}
+
+
+def test_readers_can_take_the_latest_configs_rows_only(tmp_path):
+    """A directory re-used with another config keeps both runs' rows; readers of results (report, search, the demo's
+    scores) take the latest config's."""
+    assert latest_config(tmp_path) is None
+    for config in ("old", "new"):
+        writer = OutputWriter(tmp_path, config_hash=config, model=f"m-{config}")
+        writer.add(pa.Table.from_pylist([_segment("a", 0, 0, 2, {}), _end("a", 1)], schema=STREAM_SCHEMA))
+        writer.flush()
+    assert read_table(tmp_path, "segments").num_rows == 2
+    assert latest_config(tmp_path) == ("new", "m-new")
+    assert read_table(tmp_path, "segments", "new")["config_hash"].to_pylist() == ["new"]
