@@ -231,8 +231,7 @@ class PipelineSpec:
         if not self.has_input and self.train.manifest is None:  # a training config may have no archive to tag
             raise _FieldProblem("input.paths", INPUT_REQUIRED)
         if self.tower.fusion == "attention" and self.temporal.checkpoint:  # the fusion is trained with the head
-            meta = os.path.join(self.temporal.checkpoint, "head.json")
-            trained = json.loads(open(meta).read()).get("view_levels") if os.path.isfile(meta) else None
+            trained = _trained_view_levels(self.temporal.checkpoint)
             if trained != self.tower.view_levels:
                 found = "no view fusion" if trained is None else f"a fusion of levels {sorted(set(trained))}"
                 raise _FieldProblem("tower.fusion", f"attention needs a fusion trained for levels "
@@ -286,6 +285,18 @@ class PipelineSpec:
         if self.input.manifest:
             found.update(read_uri_list(self.input.manifest))
         return sorted(found)
+
+
+def _trained_view_levels(checkpoint: str) -> list[int] | None:
+    """The levels of the views whose fusion was trained with the head in ``checkpoint`` (None: no fusion)."""
+    meta = os.path.join(checkpoint, "head.json")
+    if not os.path.isfile(meta):
+        return None
+    try:
+        with open(meta) as f:
+            return json.load(f).get("view_levels")
+    except (OSError, ValueError) as e:
+        raise _FieldProblem("temporal.checkpoint", f"cannot read {meta}: {e}") from None
 
 
 def _weights_digest(paths) -> str:

@@ -192,3 +192,24 @@ def test_inputs_from_a_uri_list_and_from_filesystem_uris(files, archive, tmp_pat
                                                                               "clip1.mp4", "clip2.mp4"))
     assert _errors(_yaml(files).replace(f"paths: [{archive}]", f"paths: ['file://{tmp_path}/none']")) == [
         f"pipeline.yaml:2 input.paths.0: not found: file://{tmp_path}/none"]
+
+
+def test_an_attention_fusion_needs_a_head_trained_with_it(files, tmp_path):
+    """`tower.fusion: attention` is trained with the head: its checkpoint must hold a fusion for these views."""
+    import torch
+
+    from temporal.train import HeadShape, TrainSettings, save_checkpoint
+
+    head = tmp_path / "head"
+    save_checkpoint(head, HeadShape(dim=16).build(), HeadShape(dim=16), torch.tensor(2.0), epoch=1,
+                    settings=TrainSettings())
+    text = _yaml(files, f"""\
+        tower: {{levels: [1, 2], fusion: attention}}
+        temporal: {{pooling: attention, checkpoint: {head}}}
+        """)
+    [problem] = _errors(text)
+    assert problem.startswith("pipeline.yaml:9 tower.fusion: attention needs a fusion trained for levels [1, 2]")
+    assert "has no view fusion" in problem
+    (head / "head.json").write_text("{not json")
+    [problem] = _errors(text)
+    assert problem.startswith("pipeline.yaml:10 temporal.checkpoint: cannot read") and "head.json" in problem
