@@ -24,19 +24,23 @@ class TrainError(RuntimeError):
     """Training or evaluation could not run (no manifest, no usable clip)."""
 
 
-def _encoder(spec: PipelineSpec):
-    """The encoder and tower, loaded once per process (train embeds frames and texts, maybe of two manifests)."""
-    return _load_encoder(spec.model, spec.tower)
+def _encoder(spec: PipelineSpec, tower: TowerSpec | None = None):
+    """The encoder (loaded once per process: train embeds frames and texts, maybe of two manifests) and a tower
+    over it (``spec.tower`` unless given)."""
+    from encoders import HierarchicalTower
+
+    m, t = spec.model, tower or spec.tower
+    encoder = _load_encoder(m)
+    return encoder, HierarchicalTower(encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
+                                      fine_frames=t.fine_frames, overlap=t.tile_overlap)
 
 
 @functools.lru_cache(maxsize=2)
-def _load_encoder(m: ModelSpec, t: TowerSpec):
-    from encoders import HierarchicalTower, create_encoder
+def _load_encoder(m: ModelSpec):
+    from encoders import create_encoder
 
-    encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only, dtype=m.dtype,
-                             device=m.device)
-    return encoder, HierarchicalTower(encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
-                                      fine_frames=t.fine_frames, overlap=t.tile_overlap)
+    return create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only, dtype=m.dtype,
+                          device=m.device)
 
 
 def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int, detail: str) -> str:
@@ -97,7 +101,7 @@ def frame_embeddings(spec: PipelineSpec, clips: list[LabelledClip], *, log=print
     from .run import decode_short_side
 
     if spec.tower.fusion == "attention":
-        tower = _load_encoder(spec.model, replace(spec.tower, fine_frames="all"))[1]
+        tower = _encoder(spec, replace(spec.tower, fine_frames="all"))[1]
         return _per_clip(spec, clips, "views", decode_short_side(spec), lambda x: tower(x)[1].float(), log=log)
     tower = _encoder(spec)[1]
     return _per_clip(spec, clips, "frames", decode_short_side(spec), lambda x: tower(x)[0].float(), log=log)
