@@ -1,9 +1,12 @@
 """YAML pipeline definitions: one frozen dataclass per section, validated on entry.
 
-A YAML file becomes a :class:`PipelineSpec`. Every problem is reported with the file line and the key
-path (``pipeline.yaml:14 segments.window_s: must be > 0, got -2``), all problems at once, and the
-YAML is only ever read with ``yaml.safe_load``'s constructors: a config never names code to run.
-Relative paths are taken from the current working directory (the job's working directory on a cluster).
+A YAML file becomes a :class:`PipelineSpec` (:func:`load_spec`, :func:`parse_spec`): pure data, checked for
+types, ranges and rules between values, without touching the filesystem. :func:`check_spec` then checks what
+the spec names on disk (model, head, vocabulary, manifests, inputs) and lists the input videos once. Every
+problem is reported with the file line and the key path (``pipeline.yaml:14 segments.window_s: must be > 0,
+got -2``), all problems at once, and the YAML is only ever read with ``yaml.safe_load``'s constructors: a config
+never names code to run. Relative paths are taken from the current working directory (the job's working
+directory on a cluster).
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from encoders.models import resolve_dtype
+from encoders.video_text import model_problems
+
+from .sources import SourceError, expand, read_uri_list
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 
@@ -43,6 +51,9 @@ _POSITIVE = _check(lambda v: v > 0, "must be > 0, got {got}")
 _NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0, got {got}")
 _FRACTION = _check(lambda v: 0 < v < 1, "must be between 0 and 1, got {got}")
 _OVERLAP = _check(lambda v: 0 <= v < 0.5, "must be in [0, 0.5), got {got}")
+# A field (or a whole section) marked so does not change a segment row: config_hash leaves it out, so changing it
+# never redoes finished videos. Every other field is hashed.
+_SAME_ROWS = {"output": False}
 
 
 @dataclass(frozen=True)
@@ -57,10 +68,13 @@ class DecodeSpec:
     backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: Decord, PyAV when Decord cannot open or read a file
     short_side_px: int | None = field(default=None, metadata=_POSITIVE)  # decoded short side, px; null: from tower
     exact: bool = True  # false: skip non-reference frames and take the nearest decoded frame (faster, coarser)
-    threads: int = field(default=1, metadata=_POSITIVE)  # decoder threads per decode task
-    timeout_s: float = field(default=120.0, metadata=_POSITIVE)  # a decode making no progress this long is ended
-    chunk_segments: int = field(default=16, metadata=_POSITIVE)  # segments decoded (and held in memory) at a time
-    recycle_after: int = field(default=100, metadata=_POSITIVE)  # videos per decoder process before a fresh one
+    threads: int = field(default=1, metadata={**_POSITIVE, **_SAME_ROWS})  # decoder threads per decode task
+    # a decode making no progress this long is ended, seconds
+    timeout_s: float = field(default=120.0, metadata={**_POSITIVE, **_SAME_ROWS})
+    # segments decoded (and held in memory) at a time
+    chunk_segments: int = field(default=16, metadata={**_POSITIVE, **_SAME_ROWS})
+    # videos per decoder process before a fresh one
+    recycle_after: int = field(default=100, metadata={**_POSITIVE, **_SAME_ROWS})
 
 
 @dataclass(frozen=True)
@@ -116,31 +130,38 @@ class TowerSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     family: Literal["clip", "align"] = "clip"  # model family of the checkpoint
-    pretrained: str = "openai/clip-vit-base-patch32"  # Hugging Face hub id (org/name) or a local checkpoint directory
-    local_files_only: bool = False  # never contact the hub (air-gapped clusters)
+    # Hugging Face hub id (org/name) or a local checkpoint directory (see is_local_model)
+    pretrained: str = "openai/clip-vit-base-patch32"
+    local_files_only: bool = field(default=False, metadata=_SAME_ROWS)  # never contact the hub (air-gapped clusters)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs and bf16 CPUs, else fp32
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the encoder worker has a GPU
-    batch_size: int = field(default=8, metadata=_POSITIVE)  # images per backbone call
+    # auto: cuda when the encoder worker has a GPU. Hashed (as the device it resolves to, see encoder_device):
+    # CUDA kernels give other numbers than CPU ones, as dtype does
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # images per backbone call; null: 16 CPU, 256 GPU (batching does not change what a segment gets)
+    batch_size: int | None = field(default=None, metadata={**_POSITIVE, **_SAME_ROWS})
 
     def __post_init__(self):
-        local = self.pretrained.startswith((".", "/", "~")) or os.path.isdir(self.pretrained)
-        if local and not os.path.isdir(os.path.expanduser(self.pretrained)):
-            raise _FieldProblem("pretrained", f"directory not found: {self.pretrained}")
-        if not local and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", self.pretrained):
-            raise _FieldProblem("pretrained", f"not a hub id (org/name) nor an existing directory: {self.pretrained}")
+        if not self.pretrained.strip():
+            raise _FieldProblem("pretrained", "required: a hub id (org/name) or a local checkpoint directory")
+
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~"))
+
+
+def is_local_model(pretrained: str) -> bool:
+    """Whether ``model.pretrained`` names a local directory: it starts with ``.``, ``/`` or ``~``, or is a directory
+    that exists (``models/synthactions``), or cannot be a hub id (``runs/a/model``). Reads the filesystem."""
+    return _looks_like_path(pretrained) or os.path.isdir(pretrained) or not _HUB_ID.fullmatch(pretrained)
 
 
 @dataclass(frozen=True)
 class TemporalSpec:
     pooling: Literal["mean", "attention"] = "mean"  # how frame embeddings become one segment embedding
     checkpoint: str | None = None  # a head trained by `reeltag train` (its directory); attention pooling only
-
-    def __post_init__(self):
-        if self.checkpoint is not None:
-            if not os.path.isfile(os.path.join(self.checkpoint, "head.safetensors")):
-                raise _FieldProblem("checkpoint", f"no head.safetensors in {self.checkpoint}")
-            if self.pooling != "attention":
-                raise _FieldProblem("checkpoint", "a trained head needs temporal.pooling: attention")
 
 
 @dataclass(frozen=True)
@@ -163,23 +184,16 @@ class TrainSpec:
     heads: int = field(default=4, metadata=_POSITIVE)  # attention heads of the temporal head
     layers: int = field(default=1, metadata=_POSITIVE)  # transformer blocks of the temporal head
 
-    def __post_init__(self):
-        for key in ("manifest", "eval_manifest"):
-            value = getattr(self, key)
-            if value is not None and not os.path.isfile(value):
-                raise _FieldProblem(key, f"file not found: {value}")
-
 
 @dataclass(frozen=True)
 class TagsSpec:
     vocabulary: str | None = None  # label file, one label per line ('#' comments); null: embeddings only
     prompts: tuple[str, ...] = ("a video of {}.",)  # prompt templates, each with one {} for the label
     top_k: int = field(default=5, metadata=_POSITIVE)  # tags kept per segment, best first
-    threshold: float = field(default=0.5, metadata=_FRACTION)  # localize: confidence at which a window is an action
+    # localize: confidence at which a window is an action (hashed: it changes the actions table)
+    threshold: float = field(default=0.5, metadata=_FRACTION)
 
     def __post_init__(self):
-        if self.vocabulary is not None and not os.path.isfile(self.vocabulary):
-            raise _FieldProblem("vocabulary", f"file not found: {self.vocabulary}")
         for template in self.prompts:
             if template.count("{}") != 1:
                 raise _FieldProblem("prompts", f"each template needs exactly one {{}}, got {template!r}")
@@ -211,9 +225,10 @@ class RaySpec:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A whole pipeline; built by :func:`load_spec`, which fills every section (missing ones take defaults)."""
+    """A whole pipeline; built by :func:`load_spec`, which fills every section (missing ones take defaults), and
+    checked against the filesystem by :func:`check_spec`."""
 
-    input: InputSpec
+    input: InputSpec = field(metadata=_SAME_ROWS)
     decode: DecodeSpec
     segments: SegmentsSpec
     sampling: SamplingSpec
@@ -221,32 +236,12 @@ class PipelineSpec:
     model: ModelSpec
     temporal: TemporalSpec
     tags: TagsSpec
-    output: OutputSpec
-    ray: RaySpec
-    train: TrainSpec
-
-    def __post_init__(self):
-        from .sources import SourceError, expand
-
-        if not self.has_input and self.train.manifest is None:  # a training config may have no archive to tag
-            raise _FieldProblem("input.paths", INPUT_REQUIRED)
-        if self.tower.fusion == "attention" and self.temporal.checkpoint:  # the fusion is trained with the head
-            trained = _trained_view_levels(self.temporal.checkpoint)
-            if trained != self.tower.view_levels:
-                found = "no view fusion" if trained is None else f"a fusion of levels {sorted(set(trained))}"
-                raise _FieldProblem("tower.fusion", f"attention needs a fusion trained for levels "
-                                    f"{list(self.tower.levels)} and temporal.checkpoint has {found}: `reeltag "
-                                    "train` with this tower (train.backbone: frozen) trains one")
-        if self.input.manifest is not None and not os.path.isfile(self.input.manifest):
-            raise _FieldProblem("input.manifest", f"file not found: {self.input.manifest}")
-        for i, pattern in enumerate(self.input.paths):
-            try:
-                found = expand(pattern, self.input.extensions)
-            except SourceError as e:
-                raise _FieldProblem(f"input.paths.{i}", str(e)) from None
-            if not found:
-                what = "no video files match" if glob.has_magic(pattern) or os.path.isdir(pattern) else "not found"
-                raise _FieldProblem(f"input.paths.{i}", f"{what}: {pattern}")
+    output: OutputSpec = field(metadata=_SAME_ROWS)
+    ray: RaySpec = field(metadata=_SAME_ROWS)  # placement only (the device it gives the encoders: see encoder_device)
+    train: TrainSpec = field(metadata=_SAME_ROWS)  # read by `reeltag train`/`eval`, never by the pipeline
+    # ``file:line`` (or ``--set``) of each key path as a tuple, e.g. ("tags", "vocabulary"), for check_spec's messages
+    locations: dict[tuple, str] = field(default_factory=dict, compare=False, repr=False,
+                                        metadata={**_SAME_ROWS, "yaml": False})
 
     @property
     def has_input(self) -> bool:
@@ -257,46 +252,126 @@ class PipelineSpec:
         return self.segments.stride_s or self.segments.window_s
 
     def config_hash(self) -> str:
-        """Hash of everything that changes a segment row; input, output and Ray placement do not."""
-        parts = {k: dataclasses.asdict(getattr(self, k)) for k in ("decode", "segments", "sampling", "tower", "model",
-                                                                     "temporal", "tags")}
-        # retrained in place, a local model or head changes the embeddings: hash their weights, not only the path
-        local = os.path.expanduser(self.model.pretrained)
+        """Hash of every field that changes a segment row (not those marked ``_SAME_ROWS``), with ``dtype: auto``
+        and ``device: auto`` as they resolve, and the content of a local model's weights, the head and the
+        vocabulary (retrained or edited in place, they change the rows under the same path)."""
+        spec = resolved(self)
+        parts = _row_fields(spec)
+        parts["model"]["device"] = encoder_device(spec)
+        local = os.path.expanduser(spec.model.pretrained)
         if os.path.isdir(local):
             parts["model"]["weights"] = _weights_digest(
                 f for f in glob.glob(os.path.join(local, "*")) if f.endswith((".safetensors", ".bin")))
-        if self.temporal.checkpoint:
-            parts["temporal"]["checkpoint"] = _weights_digest([os.path.join(self.temporal.checkpoint,
+        if spec.temporal.checkpoint:
+            parts["temporal"]["checkpoint"] = _weights_digest([os.path.join(spec.temporal.checkpoint,
                                                                              "head.safetensors")])
-        parts["model"].pop("batch_size")
-        parts["decode"].pop("threads")
-        if self.tags.vocabulary:
-            parts["tags"]["vocabulary"] = hashlib.sha256(Path(self.tags.vocabulary).read_bytes()).hexdigest()
+        if spec.tags.vocabulary:
+            parts["tags"]["vocabulary"] = hashlib.sha256(Path(spec.tags.vocabulary).read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
     def model_id(self) -> str:
         return f"{self.model.family}:{self.model.pretrained}"
 
     def videos(self) -> list[str]:
-        """All input videos (absolute paths or URIs), sorted, without duplicates."""
-        from .sources import expand, read_uri_list
+        """All input videos (absolute paths or URIs), sorted, without duplicates; ConfigError if an input names
+        none. Prefer the list :func:`check_spec` returns (it lists them once)."""
+        videos, problems = _find_inputs(self)
+        if problems:
+            raise ConfigError([_problem(self.locations, tuple(key.split(".")), message) for key, message in problems])
+        return videos
 
-        found = {p for pattern in self.input.paths for p in expand(pattern, self.input.extensions)}
-        if self.input.manifest:
-            found.update(read_uri_list(self.input.manifest))
-        return sorted(found)
+
+def _row_fields(obj) -> dict:
+    """The fields of a spec (or section) that change a segment row, as plain data (sections as dicts)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("output", True):
+            value = getattr(obj, f.name)
+            out[f.name] = _row_fields(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
-def _trained_view_levels(checkpoint: str) -> list[int] | None:
-    """The levels of the views whose fusion was trained with the head in ``checkpoint`` (None: no fusion)."""
-    meta = os.path.join(checkpoint, "head.json")
-    if not os.path.isfile(meta):
-        return None
-    try:
-        with open(meta) as f:
-            return json.load(f).get("view_levels")
-    except (OSError, ValueError) as e:
-        raise _FieldProblem("temporal.checkpoint", f"cannot read {meta}: {e}") from None
+def encoder_device(spec: PipelineSpec) -> str:
+    """``cuda`` or ``cpu``: the device the pipeline's encoder workers get (``model.device``; ``auto``: a GPU when
+    Ray gives each encoder actor one)."""
+    m = spec.model
+    return "cuda" if m.device == "cuda" or (m.device == "auto" and spec.ray.gpus_per_actor > 0) else "cpu"
+
+
+def resolved(spec: PipelineSpec) -> PipelineSpec:
+    """``spec`` with ``model.dtype: auto`` replaced by the dtype the encoder workers use on their device (bf16 on
+    GPUs, and on CPUs with native bf16 when this machine has it), so the driver decides once and every worker,
+    whatever its own CPU, computes what the config hash says."""
+    if spec.model.dtype != "auto":
+        return spec
+    import torch
+
+    dtype = resolve_dtype("auto", torch.device(encoder_device(spec)))
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking what a spec names on disk (parsing never reads the filesystem)
+
+COMMANDS = ("run", "index", "validate", "train", "eval")
+
+
+def check_spec(spec: PipelineSpec, *, command: str = "run") -> list[str]:
+    """Check what the spec names on disk and list its inputs once: raise ConfigError (every problem, each with its
+    file:line and key) or return the input videos, sorted, deduplicated (empty for train/eval configs without
+    inputs). ``command``: run and index need inputs; train and eval read train manifests; validate needs inputs or
+    train.manifest, and checks a config with train.manifest as `reeltag train` would (it may train the fusion)."""
+    if command not in COMMANDS:
+        raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
+    videos, problems = _find_inputs(spec)
+    if not spec.has_input and (command in ("run", "index") or (command == "validate" and not spec.train.manifest)):
+        problems.append(("input.paths", INPUT_REQUIRED + (f" for `reeltag {command}`" if command != "validate"
+                                                          else "")))
+    problems += _model_directory_problems(spec.model.pretrained)
+    training = command == "train" or (command == "validate" and spec.train.manifest is not None)
+    problems += model_problems(spec, training=training)  # temporal.checkpoint and the fusion it holds
+    for key, value in (("tags.vocabulary", spec.tags.vocabulary), ("train.manifest", spec.train.manifest),
+                       ("train.eval_manifest", spec.train.eval_manifest)):
+        if value is not None and not os.path.isfile(value):
+            problems.append((key, f"file not found: {value}"))
+    if problems:
+        raise ConfigError([_problem(spec.locations, tuple(key.split(".")), message) for key, message in problems])
+    return videos
+
+
+def _model_directory_problems(pretrained: str) -> list[tuple[str, str]]:
+    """A hub id is taken as written (the hub is asked when the model loads); a local directory must exist."""
+    if not is_local_model(pretrained) or os.path.isdir(os.path.expanduser(pretrained)):
+        return []
+    if _looks_like_path(pretrained):
+        return [("model.pretrained", f"directory not found: {pretrained}")]
+    return [("model.pretrained", f"not a hub id (org/name) nor an existing directory: {pretrained}")]
+
+
+def _find_inputs(spec: PipelineSpec) -> tuple[list[str], list[tuple[str, str]]]:
+    """The input videos (absolute paths or URIs), sorted, without duplicates, and a ``(key, message)`` for each
+    input that names none. The one place inputs are listed (a recursive listing of a bucket can be slow)."""
+    found, problems = set(), []
+    for i, pattern in enumerate(spec.input.paths):
+        try:
+            matched = expand(pattern, spec.input.extensions)
+        except SourceError as e:
+            problems.append((f"input.paths.{i}", str(e)))
+            continue
+        if not matched:
+            what = "no video files match" if glob.has_magic(pattern) or os.path.isdir(pattern) else "not found"
+            problems.append((f"input.paths.{i}", f"{what}: {pattern}"))
+        found.update(matched)
+    if spec.input.manifest is not None:
+        if not os.path.isfile(spec.input.manifest):
+            problems.append(("input.manifest", f"file not found: {spec.input.manifest}"))
+        else:
+            try:
+                found.update(read_uri_list(spec.input.manifest))
+            except SourceError as e:
+                problems.append(("input.manifest", str(e)))
+    return sorted(found), problems
 
 
 def _weights_digest(paths) -> str:
@@ -346,7 +421,7 @@ def parse_spec(text: str, *, source: str = "<string>", overrides: list[str] = ()
     spec = _build(PipelineSpec, data, (), where, problems)
     if problems:
         raise ConfigError(problems)
-    return spec
+    return dataclasses.replace(spec, locations=where)
 
 
 def _read_yaml(text: str, source: str) -> tuple[dict, dict[tuple, str]]:
@@ -429,7 +504,7 @@ def _build(cls: type, data: Any, key: tuple, where: dict, problems: list[str]) -
     if not isinstance(data, dict):
         problems.append(_problem(where, key, f"expected a mapping of keys, got {_kind(data)}"))
         return None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     hints = typing.get_type_hints(cls)
     for name in data:
         if name not in fields:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.fs as pafs
+
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -26,8 +28,6 @@ def is_uri(path: str) -> bool:
 
 
 def _filesystem(uri: str):
-    import pyarrow.fs as pafs
-
     try:
         return pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -39,8 +39,6 @@ def expand(pattern: str, extensions: tuple[str, ...]) -> list[str]:
     for ``extensions``), a local glob, or a filesystem URI of a file or directory."""
     suffixes = tuple(e.lower() for e in extensions)
     if is_uri(pattern):
-        import pyarrow.fs as pafs
-
         fs, path = _filesystem(pattern)
         scheme = pattern.split("://", 1)[0]
         info = fs.get_file_info(path)
@@ -62,16 +60,32 @@ def expand(pattern: str, extensions: tuple[str, ...]) -> list[str]:
 
 def read_uri_list(path: str) -> list[str]:
     """URIs from a list file: ``.jsonl`` (a ``uri`` per line), ``.csv`` (a ``uri`` column) or plain text (one per
-    line, ``#`` comments). Relative paths are taken from the list's folder."""
-    text = Path(path).read_text(encoding="utf-8")
+    line, ``#`` comments). Relative paths are taken from the list's folder. SourceError names the line at fault."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if path.endswith(".jsonl"):
-        uris = [json.loads(line)["uri"] for line in text.splitlines() if line.strip()]
+        uris = [_jsonl_uri(path, n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     elif path.endswith(".csv"):
-        uris = [row["uri"] for row in csv.DictReader(text.splitlines())]
+        rows = list(csv.DictReader(text.splitlines()))
+        if rows and "uri" not in rows[0]:
+            raise SourceError(f"{path}:1: needs a 'uri' column, got {', '.join(map(str, rows[0]))}")
+        uris = [row["uri"] or "" for row in rows]
     else:
         uris = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     base = Path(path).parent
     return [u if is_uri(u) or os.path.isabs(u) else str((base / u).resolve()) for u in uris if u]
+
+
+def _jsonl_uri(path: str, line_number: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}:{line_number}: not valid JSON: {e.msg}") from None
+    if not isinstance(row, dict) or not isinstance(row.get("uri"), str):
+        raise SourceError(f"{path}:{line_number}: each line needs a 'uri' string")
+    return row["uri"]
 
 
 def stat(uri: str) -> tuple[int, int]:
