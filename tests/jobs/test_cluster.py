@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from tests.conftest import write_audio_only
 
 pytestmark = pytest.mark.slow
 REELTAG = [sys.executable, "-m", "jobs.cli"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -164,33 +169,106 @@ def test_a_mixed_archive_tags_every_good_video_and_records_every_bad_one(config,
     assert (summary["videos_ok"], summary["videos_failed"]) == (6, 6) and result.returncode == 0
 
 
-def _free_port() -> int:
+def _free_ports(n: int) -> list[int]:
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    sockets = [socket.socket() for _ in range(n)]
+    try:  # all bound at once, so the ports are distinct
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def test_ray_job_submit_runs_the_same_command_on_a_cluster(config, clean, tmp_path):
-    """The README's cluster example: `ray start --head`, then `ray job submit --working-dir . -- reeltag run`."""
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}  # a throwaway loopback cluster; real clusters keep token auth
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    gcs, dashboard = _free_port(), _free_port()
-    subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"], env=env, check=True,
-                   capture_output=True, timeout=180)
+def _readme_cluster_commands() -> list[str]:
+    """The bash block of the README's "Running on a Ray cluster" section, one command a line, comments dropped."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Running on a Ray cluster\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+
+
+def _substitute(command: str, placeholder: str, value: str) -> str:
+    assert placeholder in command, f"the README's {command!r} has no {placeholder!r}"
+    return command.replace(placeholder, value)
+
+
+def _session_processes(sid: int) -> set[int]:
+    """Every process in session `sid` and every descendant of one (a Ray job's driver runs in a session of its own)."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text() if name.isdigit() else None
+        except OSError:
+            continue
+        if stat:
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+            parents[int(name)] = (int(fields[1]), int(fields[3]))
+    found = {pid for pid, (_, session) in parents.items() if session == sid}
+    while more := {pid for pid, (ppid, _) in parents.items() if ppid in found} - found:
+        found |= more
+    return found
+
+
+def _kill_session(sid: int) -> None:
+    """Kills what one `ray start` started, and nothing else (`ray stop` would stop every Ray on the machine)."""
+    for pid in _session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _wait_for(lambda: not _session_processes(sid), timeout=30)
+
+
+def test_the_readme_cluster_commands_submit_a_run_with_token_auth_on(config, clean, tmp_path):
+    """The README's cluster example as written, Ray's token authentication on: `ray get-auth-token --generate` and
+    `RAY_AUTH_MODE=token ray start --head` for the head, then the `export` line and `ray job submit` from a client
+    whose home has no token (the token comes from the export only), and a submit without the export is refused."""
+    generate, start_head, export, start_node, submit = _readme_cluster_commands()
+    assert start_node.startswith("ray start --address HEAD:")  # not run: Ray puts a second node on a non-loopback IP
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS, RAY_AUTH_* from here
+    base.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # a single node on 127.0.0.1, not on this machine's own IP
+    (tmp_path / "head").mkdir()
+    (tmp_path / "client").mkdir()
+    head_env, client_env = {**base, "HOME": str(tmp_path / "head")}, {**base, "HOME": str(tmp_path / "client")}
+    gcs, dashboard, client, agent, agent_grpc, runtime_env, metrics, node_manager, object_manager = _free_ports(9)
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live under it
+    start_head += (f" --port={gcs} --dashboard-host=127.0.0.1 --dashboard-port={dashboard} --include-dashboard=true"
+                   f" --ray-client-server-port={client} --dashboard-agent-listen-port={agent}"
+                   f" --dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port={runtime_env}"
+                   f" --metrics-export-port={metrics} --node-manager-port={node_manager}"
+                   f" --object-manager-port={object_manager} --num-cpus=2 --temp-dir={temp_dir}")
+    submit = _substitute(_substitute(submit, "http://HEAD:8265", f"http://127.0.0.1:{dashboard}"),
+                         "configs/tag_clip.yaml", f"{config} --set output.dir={tmp_path / 'out'}")
+
+    def bash(command: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", command], env=env, cwd=REPO, capture_output=True, text=True, **kwargs)
+
+    token = bash(generate, head_env, timeout=60)
+    assert token.returncode == 0 and (tmp_path / "head/.ray/auth_token").read_text() == token.stdout, token.stderr
+    head = subprocess.Popen(["bash", "-c", start_head], env=head_env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own session: see finally
     try:
-        out = tmp_path / "out"
-        job = subprocess.run([ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
-                              str(repo), "--", "reeltag", "run", str(config), "--set", f"output.dir={out}"],
-                             env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+        started, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, started
+        refused = bash(submit.replace(str(tmp_path / "out"), str(tmp_path / "refused")), client_env, timeout=120)
+        assert refused.returncode != 0, refused.stdout  # no token sent: Ray's default must not be "no auth"
+        assert "AuthenticationError: Authentication required: Unauthorized: Missing authentication token" in \
+            refused.stderr, refused.stderr
+        assert not (tmp_path / "refused").exists()
+        export = _substitute(export, "=TOKEN", "=" + shlex.quote(token.stdout))
+        job = bash(f"{export}\n{submit}", client_env, timeout=600)
         assert job.returncode == 0, job.stdout + job.stderr
         assert "succeeded" in job.stdout and "10 videos: 10 ok" in job.stdout
-        summary = json.loads((out / "run.json").read_text())
+        summary = json.loads((tmp_path / "out/run.json").read_text())
         assert summary["videos_ok"] == 10
-        assert_same(rows_of(out), clean)
+        assert_same(rows_of(tmp_path / "out"), clean)
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        if head.returncode is None:
+            head.kill()
+            head.wait()
+        _kill_session(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
