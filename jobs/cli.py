@@ -4,11 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
-from pipeline.config import INPUT_REQUIRED, ConfigError, PipelineSpec, load_spec
+from encoders import ModelLoadError, VocabularyError
+from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec
+from pipeline.manifest import ManifestError
 from pipeline.synth import SPLITS, sample_clips, write_clips
+
+from ._ray import RayStartError
+from .report import ReportError, write_report
+from .run import JobError, run_pipeline
+from .search import SearchError, build_index, format_results, search
+from .train import TrainError, format_metrics, run_eval, run_train
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -45,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def summary_line(spec: PipelineSpec) -> str:
-    videos = spec.videos()
+def summary_line(spec: PipelineSpec, videos: list[str]) -> str:
+    """``reeltag validate``'s line: what the spec will do with ``videos`` (check_spec's listing)."""
     vocab = f"tags from {spec.tags.vocabulary}" if spec.tags.vocabulary else "no tags (embeddings only)"
     return (f"ok: {len(videos)} videos, {spec.segments.mode} segments"
             f"{f' of {spec.segments.window_s:g} s' if spec.segments.mode == 'window' else ''}, "
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import run_demo  # lazy: jobs/demo.py imports format_summary from here (a cycle)
 
             return run_demo(args.dir)
         if args.command == "search":
@@ -74,20 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.clips} {args.split} clips and {labels}")
             return 0
         spec = load_spec(args.config, args.overrides)
+        videos = check_spec(spec, command=args.command)
         if args.command == "validate":
-            print(summary_line(spec))
+            print(summary_line(spec, videos))
             return 0
-        if spec.tower.fusion == "attention" and not spec.temporal.checkpoint and args.command != "train":
-            raise ConfigError([f"{args.config} tower.fusion: attention is trained with the temporal head: set "
-                               "temporal.checkpoint to one trained with this tower (`reeltag train` trains one)"])
         if args.command in ("train", "eval"):
             return _train_or_eval(args.command, spec)
-        if not spec.has_input:  # allowed in a training config, not in one that tags an archive
-            raise ConfigError([f"{args.config} input.paths: {INPUT_REQUIRED} for `reeltag {args.command}`"])
         code = _run(spec)
         if code == 0 and args.command == "index":
-            from .search import build_index
-
             index = build_index(spec.output.dir, spec.config_hash())
             print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
                   f"{spec.output.dir}/index/{index.config_hash}")
@@ -98,11 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(spec: PipelineSpec) -> int:
-    from encoders import ModelLoadError, VocabularyError
-
-    from ._ray import RayStartError
-    from .run import JobError, run_pipeline
-
     try:
         summary = run_pipeline(spec)
     except VocabularyError as e:
@@ -116,12 +114,6 @@ def _run(spec: PipelineSpec) -> int:
 
 
 def _search(args) -> int:
-    import json
-
-    from encoders import ModelLoadError
-
-    from .search import SearchError, format_results, search
-
     try:
         results = search(args.output_dir, args.query, top_k=args.top_k)
     except SearchError as e:
@@ -135,8 +127,6 @@ def _search(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import ReportError, write_report
-
     try:
         path = write_report(args.output_dir, args.out)
     except ReportError as e:
@@ -150,11 +140,6 @@ def _report(args) -> int:
 
 
 def _train_or_eval(command: str, spec: PipelineSpec) -> int:
-    from encoders import ModelLoadError
-    from pipeline.manifest import ManifestError
-
-    from .train import TrainError, format_metrics, run_eval, run_train
-
     try:
         result = run_train(spec) if command == "train" else run_eval(spec)
     except (ManifestError, TrainError) as e:
