@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._registry import register_encoder
-from .preprocess import PreprocessCfg
+from .preprocess import PreprocessCfg, normalise
 
 
 class ModelLoadError(RuntimeError):
@@ -56,6 +56,10 @@ class ImageTextEncoder(nn.Module):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Strings -> text embeddings ``[L,D]`` (float32, not L2-normalised)."""
         return self.embed_texts(texts)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[N,3,R,R]`` float pixels in 0..255 (resized and cropped) -> the backbone's normalised input."""
+        return normalise(pixels, self.preprocess_cfg)
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_features` with gradients (training the model)."""

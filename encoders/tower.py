@@ -9,6 +9,8 @@ whole frame, squashed the same way.) Tiles let a small or off-centre action fill
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -33,6 +35,15 @@ def level_boxes(level: int, height: int, width: int, overlap: float = 0.0, *, sq
     step_x, step_y = tile_x * (1 - overlap), tile_y * (1 - overlap)
     return torch.tensor([[x0 + j * step_x, y0 + i * step_y, x0 + j * step_x + tile_x, y0 + i * step_y + tile_y]
                          for i in range(g) for j in range(g)])
+
+
+class TowerOutput(NamedTuple):
+    """What the tower gives for one segment of ``N`` frames, ``F`` of them fine."""
+
+    fused: torch.Tensor  # [N, D] fused frame embeddings, normalised
+    regions: torch.Tensor  # [F, V, D] every view of the fine frames, the whole frame first
+    boxes: torch.Tensor  # [V, 4] normalised xyxy box of each view
+    fine: torch.Tensor  # [F] which frames are fine
 
 
 class ViewAttention(nn.Module):
@@ -65,11 +76,13 @@ class HierarchicalTower(nn.Module):
         self.fine_frames, self.overlap = fine_frames, overlap
         self.fuse = ViewAttention(encoder.embed_dim) if fusion == "attention" else None
 
-    def fine_index(self, n: int) -> torch.Tensor:
-        """Which of ``n`` frames get levels >= 2: all, the middle one, or ``k`` spread evenly."""
-        if self.fine_frames == "all" or self.levels == (1,):
+    def fine_index(self, n: int, fine_frames: str | int | None = None) -> torch.Tensor:
+        """Which of ``n`` frames get levels >= 2: all, the middle one, or ``k`` spread evenly (``fine_frames``,
+        the tower's own by default)."""
+        fine_frames = fine_frames or self.fine_frames
+        if fine_frames == "all" or self.levels == (1,):
             return torch.arange(n)
-        k = 1 if self.fine_frames == "middle" else min(int(self.fine_frames), n)
+        k = 1 if fine_frames == "middle" else min(int(fine_frames), n)
         return ((torch.arange(k) + 0.5) * n / k).long()
 
     def tile_views(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,22 +114,39 @@ class HierarchicalTower(nn.Module):
         """``[M,3,R,R]`` -> ``[M,D]`` normalised, ``batch_size`` images per backbone call."""
         return F.normalize(torch.cat([self.encoder.forward_features(c) for c in pixels.split(self.batch_size)]), dim=-1)
 
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> fused ``[N,D]``, regions ``[F,V,D]`` (global view first), boxes ``[V,4]``, fine frame index ``[F]``."""
-        n, cfg = len(frames), self.encoder.preprocess_cfg
-        whole_box = level_boxes(1, frames.shape[1], frames.shape[2], squash=cfg.squashes)
-        fine = self.fine_index(n)
-        tiles, boxes, level_ids = self.tile_views(frames[fine])
-        # every view of the segment in one backbone pass: whole frames first, then the tiles of the fine frames
-        emb = self._embed(torch.cat([preprocess(frames, cfg), rearrange(tiles, "f v c h w -> (f v) c h w")]))
-        whole, emb = emb[:n], rearrange(emb[n:], "(f v) d -> f v d", f=len(fine))
+    def forward(self, frames: torch.Tensor) -> TowerOutput:
+        """One segment's frames ``[N,H,W,3]`` -> its :class:`TowerOutput`."""
+        return self.forward_batch([frames])[0]
+
+    def forward_batch(self, segments: list[torch.Tensor], *, fine_frames: str | int | None = None) -> list[TowerOutput]:
+        """Several segments' frames (each ``[N_i,H_i,W_i,3]`` uint8, sizes may differ) -> a :class:`TowerOutput`
+        each. Every view of every segment goes through the backbone together, ``batch_size`` images a call: whole
+        frames first, then the tiles of the fine frames (``fine_frames`` overrides the tower's)."""
+        cfg, pixels, plans = self.encoder.preprocess_cfg, [], []
+        for frames in segments:
+            fine = self.fine_index(len(frames), fine_frames or self.fine_frames)
+            tiles, boxes, level_ids = self.tile_views(frames[fine])
+            pixels += [preprocess(frames, cfg), rearrange(tiles, "f v c h w -> (f v) c h w")]
+            plans.append((frames.shape[:3], fine, boxes, level_ids, tiles.shape[1]))
+        emb, outputs, at = self._embed(torch.cat(pixels)), [], 0
+        for (n, height, width), fine, boxes, level_ids, tiles in plans:
+            size = n + len(fine) * tiles
+            whole_box = level_boxes(1, height, width, squash=cfg.squashes)
+            outputs.append(self._fuse(emb[at:at + size], n, fine, torch.cat([whole_box, boxes]), level_ids))
+            at += size
+        return outputs
+
+    def _fuse(self, emb: torch.Tensor, n: int, fine: torch.Tensor, boxes: torch.Tensor,
+              level_ids: torch.Tensor) -> TowerOutput:
+        """One segment's view embeddings (``n`` whole frames, then the fine frames' tiles) -> its output."""
+        whole, tiles = emb[:n], rearrange(emb[n:], "(f v) d -> f v d", f=len(fine))
         if tiles.shape[1] == 0:
-            return whole, whole[fine, None], whole_box, fine
-        regions = torch.cat([whole[fine, None], emb], dim=1)  # [F, 1+V', D]
+            return TowerOutput(whole, whole[fine, None], boxes, fine)
+        regions = torch.cat([whole[fine, None], tiles], dim=1)  # [F, 1+V', D]
         level_ids = torch.cat([torch.ones(1, dtype=torch.long), level_ids])
         fused = whole.clone()
         if self.fusion == "mean":
             fused[fine] = F.normalize(regions.mean(1), dim=-1)
         elif self.fusion == "attention":
             fused[fine] = self.fuse(regions, level_ids)
-        return fused, regions, torch.cat([whole_box, boxes]), fine
+        return TowerOutput(fused, regions, boxes, fine)

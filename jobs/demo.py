@@ -11,9 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import load_spec
+from encoders.video_text import create_model
+from pipeline.config import PipelineSpec, load_spec
 from pipeline.synth import Clip, write_clips
 from pipeline.writer import latest_config, read_table
+
+from .report import write_report
+from .run import format_summary, run_pipeline
+from .search import format_results, search
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -34,7 +39,7 @@ def caption_parts(caption: str) -> dict[str, str]:
     return {"colour": words[1], "shape": words[2], "motion": " ".join(words[3:])}
 
 
-def demo_spec(videos: str | Path, out: str | Path, *overrides: str):
+def demo_spec(videos: str | Path, out: str | Path, *overrides: str) -> PipelineSpec:
     """configs/demo.yaml on ``videos`` into ``out``, paths made absolute (runs from any working directory)."""
     return load_spec(CONFIG, [f"input.paths=[{videos}]", f"model.pretrained={MODEL}", f"temporal.checkpoint={MODEL}",
                               f"tags.vocabulary={VOCABULARY}", f"output.dir={out}", *overrides])
@@ -88,15 +93,10 @@ def score_rows(rows: list[dict], truth: dict[str, str], text_emb: dict[str, np.n
     return result
 
 
-def caption_embeddings(spec) -> dict[str, np.ndarray]:
+def caption_embeddings(spec: PipelineSpec) -> dict[str, np.ndarray]:
     """Every vocabulary caption's text embedding, as the pipeline computes it (prompts of ``tags.prompts``)."""
-    from encoders import label_embeddings, load_vocabulary
-
-    from .train import _encoder
-
-    vocab = load_vocabulary(spec.tags.vocabulary)
-    emb = label_embeddings(_encoder(spec)[0], vocab, spec.tags.prompts).numpy()
-    return dict(zip(vocab.labels, emb))
+    tagger = create_model(spec, video=False).tagger
+    return dict(zip(tagger.vocab.labels, tagger.label_emb.numpy()))
 
 
 def _prepare(root: Path) -> Path:
@@ -109,11 +109,6 @@ def _prepare(root: Path) -> Path:
 
 
 def run_demo(directory: str) -> int:
-    from .cli import format_summary
-    from .report import write_report
-    from .run import run_pipeline
-    from .search import format_results, search
-
     root = Path(directory).resolve()
     videos = _prepare(root)
     spec = demo_spec(videos, root / "out")

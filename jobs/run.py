@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,25 +14,17 @@ import pyarrow as pa
 
 from pipeline.config import PipelineSpec
 from pipeline.decode import video_id
+from pipeline.sources import stat
 from pipeline.stages import DecodeStage, EncodeStage
-from pipeline.writer import OutputWriter, write_actions
+from pipeline.writer import OutputWriter, read_table, write_actions
+from temporal.files import write_text_atomic
+from temporal.localize import localize_videos
 
 from ._ray import ray_session
 
 
 class JobError(RuntimeError):
     """The job itself could not run (output not writable, model not loadable, Ray not reachable)."""
-
-
-def decode_short_side(spec: PipelineSpec) -> int:
-    """Short side the decoder resizes to: what the highest tower level needs (level L wants 2^(L-1) x R)."""
-    if spec.decode.short_side_px:
-        return spec.decode.short_side_px
-    from encoders.models import checkpoint_preprocess
-
-    cfg = checkpoint_preprocess(family=spec.model.family, pretrained=spec.model.pretrained,
-                                local_files_only=spec.model.local_files_only)
-    return max(cfg.level1_side, cfg.resolution * 2 ** (max(spec.tower.levels) - 1))
 
 
 def check_output_dir(path: str) -> Path:
@@ -62,8 +55,6 @@ def _decode_on_ray(stage: DecodeStage):
 
 
 def fingerprint(uri: str) -> str:
-    from pipeline.sources import stat
-
     try:
         size, mtime = stat(uri)
     except (OSError, ValueError):
@@ -74,10 +65,10 @@ def fingerprint(uri: str) -> str:
 class _RayEncode:
     """Ray actor wrapper: build the stage and load weights once per actor."""
 
-    def __init__(self, spec: PipelineSpec):
+    def __init__(self, stage: EncodeStage):
         import ray
 
-        self.stage = EncodeStage(spec)
+        self.stage = stage
         self.stage.setup()
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -115,10 +106,10 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     """Run the pipeline over every input video not already finished in ``output.dir``; return run.json's data."""
     started = time.time()
     out = check_output_dir(spec.output.dir)
-    short_side = decode_short_side(spec)
     config_hash, model = spec.config_hash(), spec.model_id()
     videos = spec.videos()
     prints = {uri: fingerprint(uri) for uri in videos}
+    save_config(out, spec, config_hash)
     writer = OutputWriter(out, config_hash=config_hash, model=model, shard_rows=spec.output.shard_rows,
                           fingerprints=prints)
     finished = writer.finished()
@@ -130,11 +121,12 @@ def run_pipeline(spec: PipelineSpec) -> dict:
             # decode: 1 video -> N segment rows (frames [T,H,W,3]) + 1 end row, on CPU tasks
             # A task or actor whose worker process dies is re-run by Ray (tasks 3 times, actors without limit): the
             # decoder child process already turns a video's own crash or hang into an errors row.
-            ds = ds.flat_map(_decode_on_ray(DecodeStage(spec, short_side=short_side)), num_cpus=spec.ray.decode_cpus)
+            decode, encode = DecodeStage(spec), EncodeStage(spec)
+            ds = ds.flat_map(_decode_on_ray(decode), num_cpus=decode.resources.cpus)
             # encode: N segment rows -> N rows with embeddings and tags, on actors that load the model once
-            ds = ds.map_batches(_RayEncode, fn_constructor_kwargs={"spec": spec}, batch_size=EncodeStage.batch_size,
+            ds = ds.map_batches(_RayEncode, fn_constructor_kwargs={"stage": encode}, batch_size=encode.batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=spec.ray.encoder_actors),
-                                num_cpus=spec.ray.encoder_cpus, num_gpus=spec.ray.gpus_per_actor or None,
+                                num_cpus=encode.resources.cpus, num_gpus=encode.resources.gpus or None,
                                 batch_format="numpy")
             # write: on the driver, whole videos per shard, as rows stream in
             done = 0
@@ -145,8 +137,10 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         writer.flush()
     progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
     actions = None
-    if spec.segments.localize and spec.tags.vocabulary:
-        actions = write_actions(out, config_hash=config_hash, threshold=spec.tags.threshold)
+    if spec.segments.localize and spec.tags.vocabulary:  # from the stored windows: no decoding, no model
+        windows = read_table(out, "segments", config_hash).select(["video_id", "uri", "start_s", "end_s", "tags"])
+        actions = write_actions(out, localize_videos(windows.to_pylist(), threshold=spec.tags.threshold),
+                                config_hash=config_hash)
     wall = time.time() - started
     summary = {
         "videos_total": len(videos), "videos_skipped": len(videos) - len(todo), "videos_ok": writer.videos_ok,
@@ -160,7 +154,28 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     if actions is not None:
         summary["actions"] = actions
         summary["outputs"]["actions"] = str(out / "actions")
-    tmp = out / ".run.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / "run.json")
+    write_text_atomic(out / "run.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def save_config(out: Path, spec: PipelineSpec, config_hash: str) -> Path:
+    """``output.dir/configs/<hash>.json``: the sections of the config that wrote these rows (a YAML document that
+    :func:`pipeline.config.parse_spec` reads back), so search embeds queries with the same model and dtype."""
+    sections = {f.name: dataclasses.asdict(getattr(spec, f.name)) for f in dataclasses.fields(spec)
+                if dataclasses.is_dataclass(getattr(spec, f.name))}
+    (out / "configs").mkdir(exist_ok=True)
+    return write_text_atomic(out / "configs" / f"{config_hash}.json", json.dumps(sections, indent=2) + "\n")
+
+
+def format_summary(s: dict) -> str:
+    """run.json's figures as the three lines ``reeltag run`` prints."""
+    failed = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_type"].items()))
+    lines = [
+        f"reeltag run: {s['videos_total']} videos: {s['videos_ok']} ok, {s['videos_failed']} failed"
+        + (f" ({failed})" if failed else "") + (f", {s['videos_skipped']} already done" if s["videos_skipped"] else ""),
+        f"  {s['segments']} segments in {s['wall_s']:.1f} s ({s['segments_per_s']:.2f} segments/s), "
+        f"model {s['model']}, config {s['config_hash']}",
+        f"  outputs: {s['outputs']['segments']}/*.parquet, {s['outputs']['errors']}/*.parquet, "
+        f"{s['outputs']['segments'].rsplit('/', 1)[0]}/run.json",
+    ]
+    return "\n".join(lines)

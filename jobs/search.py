@@ -20,7 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.writer import latest_config, read_table
+from encoders.video_text import VideoTextModel, create_model
+from pipeline.config import parse_spec
+from pipeline.writer import latest_config, read_table, write_atomic
+from temporal.files import atomic_path, write_text_atomic
 
 
 class SearchError(RuntimeError):
@@ -60,12 +63,10 @@ def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
         directory.mkdir(parents=True, exist_ok=True)
         bf16 = torch.from_numpy(emb).to(torch.bfloat16).view(torch.int16).numpy()  # numpy has no bfloat16
         for name, array in (("embeddings.npy", emb), ("embeddings_bf16.npy", bf16)):
-            np.save(directory / f".{name}.tmp.npy", array)
-            os.replace(directory / f".{name}.tmp.npy", directory / name)
-        pq.write_table(segments.select(["video_id", "uri", "segment_id", "start_s", "end_s"]),
-                       directory / ".rows.tmp")
-        os.replace(directory / ".rows.tmp", directory / "rows.parquet")
-        meta_path.write_text(json.dumps({"stamp": stamp, "model": model, "rows": len(emb)}))
+            with atomic_path(directory / name) as tmp, open(tmp, "wb") as f:
+                np.save(f, array)
+        write_atomic(segments.select(["video_id", "uri", "segment_id", "start_s", "end_s"]), directory / "rows.parquet")
+        write_text_atomic(meta_path, json.dumps({"stamp": stamp, "model": model, "rows": len(emb)}))
     meta = json.loads(meta_path.read_text())
     return Index(np.load(directory / "embeddings.npy", mmap_mode="r"),
                  np.load(directory / "embeddings_bf16.npy", mmap_mode="r"),
@@ -90,23 +91,31 @@ def score(index: Index, query: np.ndarray, top: int) -> tuple[np.ndarray, np.nda
     return candidates[best], exact[best]
 
 
-def encode_query(model: str, text: str) -> np.ndarray:
-    """The query's normalised text embedding, from the model that embedded the segments."""
-    import torch.nn.functional as F
+def query_model(out_dir: str | Path, config_hash: str, model: str) -> VideoTextModel:
+    """The text side of the model that embedded the segments of ``config_hash``, with the run's weights and dtype
+    (``configs/<hash>.json``, saved by the run; outputs written before there was one name only ``model``)."""
+    path = Path(out_dir) / "configs" / f"{config_hash}.json"
+    if path.exists():
+        spec = parse_spec(path.read_text(), source=str(path))
+    else:
+        family, _, pretrained = model.partition(":")
+        spec = parse_spec(json.dumps({"input": {"paths": [str(out_dir)]}, "output": {"dir": str(out_dir)},
+                                      "model": {"family": family, "pretrained": pretrained, "dtype": "float32",
+                                                "local_files_only": os.path.isdir(pretrained)}}))
+    return create_model(spec, tagging=False, video=False)
 
-    from encoders import create_encoder
 
-    family, _, pretrained = model.partition(":")
-    encoder = create_encoder(family, pretrained=pretrained, local_files_only=os.path.isdir(pretrained),
-                             dtype="float32", device="cpu")
-    return F.normalize(encoder.encode_text([text]), dim=-1)[0].numpy()
+def encode_query(model: VideoTextModel, text: str) -> np.ndarray:
+    """The query's normalised text embedding, as written (no prompt template)."""
+    return model.embed_texts([text])[0].float().numpy()
 
 
 def search(out_dir: str | Path, text: str, *, top_k: int = 10, iou: float = 0.3) -> list[dict]:
     """Ranked moments ``{uri, video_id, start_s, end_s, score}`` for ``text``; overlapping windows of a video
     (multi-scale windows from ``segments.localize``) are suppressed in favour of the best one."""
     index = build_index(out_dir)
-    rows, scores = score(index, encode_query(index.model, text), top=max(20 * top_k, 200))
+    query = encode_query(query_model(out_dir, index.config_hash, index.model), text)
+    rows, scores = score(index, query, top=max(20 * top_k, 200))
     results: list[dict] = []
     for row, value in zip(rows, scores):
         r = {k: index.rows[k][int(row)].as_py() for k in ("video_id", "uri", "start_s", "end_s")}

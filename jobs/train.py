@@ -1,9 +1,9 @@
-"""``reeltag train`` and ``reeltag eval``: the temporal head on labelled clips, with a frozen backbone whose
-frame embeddings are computed once per manifest and cached under ``output.dir/cache``."""
+"""``reeltag train`` and ``reeltag eval``: labelled clips decoded once and cached under ``output.dir/cache``, then
+the one training loop (:func:`temporal.train.fit`) with the task ``train.backbone`` names: the temporal head (and
+view fusion) on frozen frame embeddings, or the whole model end to end from pixels."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -11,36 +11,31 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from pipeline.config import ModelSpec, PipelineSpec, TowerSpec
+from encoders.models import ImageTextEncoder
+from encoders.preprocess import PreprocessCfg, resize_crop
+from encoders.text import Vocabulary
+from encoders.video_text import VideoTextModel, create_model, decode_short_side
+from pipeline.config import PipelineSpec
+from pipeline.decode import DecodeError, decode_span
 from pipeline.manifest import LabelledClip, read_manifest
+from temporal.checkpoint import META_FILE, HeadShape, recover_checkpoint
+from temporal.files import atomic_path, write_text_atomic
+from temporal.metrics import mean_average_precision, retrieval, top1
+from temporal.pooling import AttentionPooling
+from temporal.train import ClipEmbeddings, ClipPixels, HeadTask, ModelTask, embed_clips, fit
+
+Log = Callable[[dict], None]
 
 
 class TrainError(RuntimeError):
     """Training or evaluation could not run (no manifest, no usable clip)."""
-
-
-def _encoder(spec: PipelineSpec, tower: TowerSpec | None = None):
-    """The encoder (loaded once per process: train embeds frames and texts, maybe of two manifests) and a tower
-    over it (``spec.tower`` unless given)."""
-    from encoders import HierarchicalTower
-
-    m, t = spec.model, tower or spec.tower
-    encoder = _load_encoder(m)
-    return encoder, HierarchicalTower(encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
-                                      fine_frames=t.fine_frames, overlap=t.tile_overlap)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_encoder(m: ModelSpec):
-    from encoders import create_encoder
-
-    return create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only, dtype=m.dtype,
-                          device=m.device)
 
 
 def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int, detail: str) -> str:
@@ -53,19 +48,10 @@ def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_s
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _per_clip(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int, transform, *,
-              detail: str = "", log):
-    """``transform(uint8 [T,H,W,3]) -> [T,...]`` of each clip's sampled frames, stacked ``[N,T,...]``, with
-    the frames' times ``[N,T]`` and which clips decoded; cached on disk under ``output.dir/cache``."""
-    from safetensors.torch import load_file, save_file
-
-    from pipeline.decode import DecodeError, decode_span
-
-    path = Path(spec.output.dir) / "cache" / f"{kind}-{_cache_key(spec, clips, kind, short_side, detail)}.safetensors"
-    if path.exists():
-        cached = load_file(path)
-        return cached[kind], cached["times"], cached["ok"].bool()
-    torch.set_num_threads(os.cpu_count() or 1)
+def _decode_clips(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int,
+                  transform: Callable[[torch.Tensor], torch.Tensor], log: Log) -> dict[str, torch.Tensor]:
+    """``transform(uint8 [T,H,W,3]) -> [T,...]`` of each clip's sampled frames, stacked ``[N,T,...]`` (zeros for a
+    clip that does not decode), the frames' times ``[N,T]`` and which clips decoded (``ok``)."""
     t, values, times, ok = spec.sampling.frames, [], [], []
     started = time.monotonic()
     for i, clip in enumerate(clips):
@@ -75,105 +61,99 @@ def _per_clip(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_si
             with torch.inference_mode():
                 values.append(transform(torch.from_numpy(pixels)))
             times.append(torch.as_tensor(stamps, dtype=torch.float32))
-            ok.append(True)
         except DecodeError as e:
             log({"skipped": clip.uri, "error_type": e.error_type, "message": str(e)})
             values.append(None)
             times.append(torch.zeros(t))
-            ok.append(False)
+        ok.append(values[-1] is not None)
         if (i + 1) % 500 == 0:
             log({f"{kind}_clips": i + 1, "of": len(clips), "seconds": round(time.monotonic() - started, 1)})
     like = next((v for v in values if v is not None), None)
     if like is None:
         raise TrainError("no clip of the manifest could be decoded")
     stacked = torch.stack([v if v is not None else torch.zeros_like(like) for v in values])
-    result = {kind: stacked.contiguous(), "times": torch.stack(times), "ok": torch.tensor(ok, dtype=torch.uint8)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(result, path.with_name(f".{path.name}.tmp"))
-    os.replace(path.with_name(f".{path.name}.tmp"), path)
-    return result[kind], result["times"], result["ok"].bool()
+    return {kind: stacked.contiguous(), "times": torch.stack(times), "ok": torch.tensor(ok, dtype=torch.uint8)}
 
 
-def frame_embeddings(spec: PipelineSpec, clips: list[LabelledClip], *, log=print):
+def _per_clip(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int,
+              transform: Callable[[torch.Tensor], torch.Tensor], *, detail: str = "",
+              log: Log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_decode_clips` cached on disk under ``output.dir/cache``: values, times, which clips decoded."""
+    path = Path(spec.output.dir) / "cache" / f"{kind}-{_cache_key(spec, clips, kind, short_side, detail)}.safetensors"
+    if path.exists():
+        cached = load_file(path)
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+        cached = _decode_clips(spec, clips, kind, short_side, transform, log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(cached, tmp)
+    return cached[kind], cached["times"], cached["ok"].bool()
+
+
+def frame_embeddings(spec: PipelineSpec, model: VideoTextModel, clips: list[LabelledClip], *, log: Log):
     """``[N,T,D]`` fused frame embeddings (float32), times ``[N,T]``, and which clips decoded; cached. With
     ``tower.fusion: attention`` (trained with the head) every view instead: ``[N,T,V,D]``, the whole frame first,
     for all frames whatever ``tower.fine_frames`` says (the fusion treats each frame on its own)."""
-    from .run import decode_short_side
-
+    side = decode_short_side(spec)
     if spec.tower.fusion == "attention":
-        tower = _encoder(spec, replace(spec.tower, fine_frames="all"))[1]
-        return _per_clip(spec, clips, "views", decode_short_side(spec), lambda x: tower(x)[1].float(), log=log)
-    tower = _encoder(spec)[1]
-    return _per_clip(spec, clips, "frames", decode_short_side(spec), lambda x: tower(x)[0].float(), log=log)
+        def views(x: torch.Tensor) -> torch.Tensor:
+            return model.tower.forward_batch([x], fine_frames="all")[0].regions.float()
+
+        return _per_clip(spec, clips, "views", side, views, log=log)
+    return _per_clip(spec, clips, "frames", side, lambda x: model.tower(x).fused.float(), log=log)
 
 
-def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg, *, log=print):
+def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg: PreprocessCfg, *, log: Log):
     """``[N,T,3,R,R]`` uint8: each sampled frame as the backbone sees it (the checkpoint's resize and crop, before
     normalisation), times ``[N,T]``, and which clips decoded; cached. What end-to-end training reads."""
-    from encoders.preprocess import resize_crop
-
     return _per_clip(spec, clips, "pixels", cfg.level1_side, lambda x: resize_crop(x, cfg).to(torch.uint8),
                      detail=f"{cfg.size} {cfg.crop}", log=log)
 
 
-def text_embeddings(spec: PipelineSpec, clips: list[LabelledClip]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Unique texts, their embeddings ``[Q,D]`` (labels prompt-ensembled, captions as written), group per clip."""
-    from encoders import Vocabulary, label_embeddings
-
+def _texts(spec: PipelineSpec, clips: list[LabelledClip]) -> tuple[list[str], torch.Tensor, dict[str, bool]]:
+    """Distinct texts in first-seen order, each clip's index into them, and which texts are labels."""
     texts = list(dict.fromkeys(c.text for c in clips))
-    is_label = {c.text: c.is_label for c in clips}
-    encoder = _encoder(spec)[0]
-    emb = []
-    for text in texts:
-        if is_label[text]:
-            emb.append(label_embeddings(encoder, Vocabulary((text,)), spec.tags.prompts)[0])
-        else:
-            emb.append(F.normalize(encoder.encode_text([text]), dim=-1)[0])
     index = {text: i for i, text in enumerate(texts)}
-    groups = torch.tensor([index[c.text] for c in clips])
-    return texts, torch.stack(emb).float(), groups
+    return texts, torch.tensor([index[c.text] for c in clips]), {c.text: c.is_label for c in clips}
 
 
-def load_clips(spec: PipelineSpec, manifest: str, *, log=print):
-    from temporal.train import ClipEmbeddings
+def text_embeddings(spec: PipelineSpec, model: VideoTextModel, texts: list[str], is_label: dict[str, bool]):
+    """``[Q,D]``: labels prompt-ensembled with ``tags.prompts``, captions as written."""
+    return torch.stack([model.embed_labels(Vocabulary((t,)), spec.tags.prompts)[0] if is_label[t]
+                        else model.embed_texts([t])[0] for t in texts]).float()
 
+
+def load_clips(spec: PipelineSpec, model: VideoTextModel, manifest: str, *, log: Log) -> ClipEmbeddings:
+    """A manifest's clips that decode, as frame (or view) embeddings with their texts' embeddings."""
     clips = read_manifest(manifest)
-    frames, times, ok = frame_embeddings(spec, clips, log=log)
-    texts, text_emb, groups = text_embeddings(spec, clips)
+    frames, times, ok = frame_embeddings(spec, model, clips, log=log)
+    texts, groups, is_label = _texts(spec, clips)
     keep = ok.nonzero().flatten()
     views = frames[keep] if frames.ndim == 4 else None
-    data = ClipEmbeddings(frames[keep] if views is None else views[:, :, 0], times[keep],
-                          torch.ones(len(keep), frames.shape[1], dtype=torch.bool), text_emb[groups[keep]],
-                          groups[keep], views, None if views is None else torch.tensor(spec.tower.view_levels))
-    return data, texts, text_emb
+    return ClipEmbeddings(frames[keep] if views is None else views[:, :, 0], times[keep],
+                          torch.ones(len(keep), frames.shape[1], dtype=torch.bool),
+                          text_embeddings(spec, model, texts, is_label), groups[keep], views,
+                          None if views is None else torch.tensor(spec.tower.view_levels))
 
 
-def _fusion(spec: PipelineSpec, dim: int):
-    """The tower's view fusion to train with the head (``tower.fusion: attention``), else None."""
-    from encoders.tower import ViewAttention
-
-    return ViewAttention(dim) if spec.tower.fusion == "attention" else None
-
-
-def evaluate(head, data, texts: list[str], text_emb: torch.Tensor) -> dict:
-    """Text->video R@1/5/10 and median rank (one query per distinct text), zero-shot top-1, tag mAP."""
-    from temporal.metrics import mean_average_precision, retrieval, top1
-    from temporal.train import embed_clips
-
-    video = embed_clips(head, data).numpy()
-    text = text_emb.numpy()
-    groups = data.groups.numpy()
+def evaluate(head: AttentionPooling | None, data: ClipEmbeddings) -> dict:
+    """Text->video R@1/5/10 and median rank (one query per distinct text present), zero-shot top-1, tag mAP."""
+    video, text, groups = embed_clips(head, data).numpy(), data.text.numpy(), data.groups.numpy()
     present = np.unique(groups)
-    relevant = groups[None, :] == present[:, None]
     scores = video @ text.T
-    out = retrieval(video, text[present], relevant)
+    out = retrieval(video, text[present], groups[None, :] == present[:, None])
     out["top1"] = top1(scores, groups)
-    out["mAP"] = mean_average_precision(scores, groups[:, None] == np.arange(len(texts))[None, :])
+    out["mAP"] = mean_average_precision(scores, groups[:, None] == np.arange(len(text))[None, :])
     out["clips"], out["queries"] = int(len(groups)), int(len(present))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def _log_to(path: Path):
+def _val(metrics: dict) -> dict:
+    return {"val_" + k: v for k, v in metrics.items() if k in ("R@1", "top1")}
+
+
+def _log_to(path: Path) -> Log:
     def log(record: dict) -> None:
         line = json.dumps(record)
         print(line, file=sys.stderr, flush=True)
@@ -184,119 +164,92 @@ def _log_to(path: Path):
 
 
 def run_train(spec: PipelineSpec) -> dict:
-    from temporal.train import HeadShape, fit
-
+    """Train what ``train.backbone`` says on ``train.manifest``; write ``train.json`` and return it."""
     if not spec.train.manifest:
         raise TrainError("train.manifest is not set: point it at a .jsonl/.csv of labelled clips")
     out = Path(spec.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     log = _log_to(out / "train_log.jsonl")
     torch.manual_seed(spec.train.seed)
-    if spec.train.backbone != "frozen":
-        return _run_train_model(spec, out, log)
-    data, texts, text_emb = load_clips(spec, spec.train.manifest, log=log)
-    held_out = load_clips(spec, spec.train.eval_manifest, log=log) if spec.train.eval_manifest else None
-    tr, settings = spec.train, _settings(spec)
-    shape = HeadShape(dim=data.frames.shape[-1], heads=tr.heads, layers=tr.layers)
-    fuse = _fusion(spec, shape.dim)  # trained with the head and saved in its checkpoint
     started = time.monotonic()
-
-    def validate(head) -> dict:
-        clips, clip_texts, clip_text_emb = held_out
-        return {"val_" + k: v for k, v in evaluate(head, clips.fused(fuse), clip_texts, clip_text_emb).items()
-                if k in ("R@1", "top1")}
-
-    head = fit(data, shape, settings, checkpoint_dir=out / "head", log=log, fuse=fuse,
-               evaluate=validate if held_out else None)
-    summary = {"clips": len(data.frames), "texts": len(texts), "epochs": tr.epochs,
-               "seconds": round(time.monotonic() - started, 1), "checkpoint": str(out / "head"),
-               "train": evaluate(head, data.fused(fuse), texts, text_emb)}
-    if held_out:
-        summary["eval"] = evaluate(head, held_out[0].fused(fuse), *held_out[1:])
-    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = (_train_head if spec.train.backbone == "frozen" else _train_model)(spec, out, log)
+    summary = {"clips": summary.pop("clips"), "texts": summary.pop("texts"), "epochs": spec.train.epochs,
+               "backbone": spec.train.backbone, "seconds": round(time.monotonic() - started, 1), **summary}
+    write_text_atomic(out / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _settings(spec: PipelineSpec):
-    from temporal.train import TrainSettings
+def _train_head(spec: PipelineSpec, out: Path, log: Log) -> dict:
+    """``train.backbone: frozen``: the head (and ``tower.fusion: attention``) into ``output.dir/head``."""
+    model = create_model(spec, tagging=False, training=True)
+    tr, fuse = spec.train, model.tower.fuse  # the fusion trains with the head and is saved in its checkpoint
+    data = load_clips(spec, model, tr.manifest, log=log)
+    held_out = load_clips(spec, model, tr.eval_manifest, log=log) if tr.eval_manifest else None
+    task = HeadTask(data, HeadShape(dim=data.frames.shape[-1], heads=tr.heads, layers=tr.layers), tr, fuse=fuse)
+    fit(task, tr, checkpoint_dir=out / "head", log=log,
+        evaluate=(lambda: _val(evaluate(task.head, held_out.fused(fuse)))) if held_out else None)
+    summary = {"clips": len(data.frames), "texts": len(data.text), "checkpoint": str(out / "head"),
+               "train": evaluate(task.head, data.fused(fuse))}
+    if held_out:
+        summary["eval"] = evaluate(task.head, held_out.fused(fuse))
+    return summary
 
-    tr = spec.train
-    return TrainSettings(loss=tr.loss, epochs=tr.epochs, batch_size=tr.batch_size, lr=tr.lr,
-                         weight_decay=tr.weight_decay, seed=tr.seed, max_shift=tr.max_shift,
-                         mean_loss=tr.mean_loss)
 
-
-def _pixel_clips(spec: PipelineSpec, manifest: str, cfg, *, log):
-    """Decoded clips of a manifest for end-to-end training: ClipPixels and their distinct texts (captions as
-    written; labels in the first prompt template)."""
-    from temporal.train import ClipPixels
-
+def _pixel_clips(spec: PipelineSpec, manifest: str, cfg: PreprocessCfg, *, log: Log) -> tuple[ClipPixels, list]:
+    """Decoded clips of a manifest for end-to-end training, and their distinct texts (captions as written; labels
+    in the first prompt template)."""
     clips = read_manifest(manifest)
     pixels, times, ok = frame_pixels(spec, clips, cfg, log=log)
     text_of = [c.text if not c.is_label else spec.tags.prompts[0].format(c.text) for c in clips]
     index = {t: i for i, t in enumerate(dict.fromkeys(text_of))}
-    texts, keep = list(index), ok.nonzero().flatten()
+    keep = ok.nonzero().flatten()
     groups = torch.tensor([index[t] for t in text_of])
     return ClipPixels(pixels[keep], times[keep], torch.ones(len(keep), pixels.shape[1], dtype=torch.bool),
-                      groups[keep]), texts
+                      groups[keep]), list(index)
 
 
-def _pixel_metrics(encoder, head, data, texts: list[str]) -> dict:
-    from temporal.train import ClipEmbeddings
-
-    embedded = ClipEmbeddings(data.frame_embeddings(encoder), data.times_s, data.mask, None, data.groups)
-    return evaluate(head, embedded, texts, F.normalize(encoder.encode_text(texts), dim=-1))
+def _pixel_metrics(encoder: ImageTextEncoder, head: AttentionPooling, data: ClipPixels, texts: list[str]) -> dict:
+    text = F.normalize(encoder.encode_text(texts), dim=-1)
+    return evaluate(head, ClipEmbeddings(data.frame_embeddings(encoder), data.times_s, data.mask, text, data.groups))
 
 
-def _run_train_model(spec: PipelineSpec, out: Path, log) -> dict:
+def _train_model(spec: PipelineSpec, out: Path, log: Log) -> dict:
     """``train.backbone: finetune|scratch``: the whole model and the head, end to end, into ``output.dir/model``
     (a ``save_pretrained`` directory plus the head: both ``model.pretrained`` and ``temporal.checkpoint``)."""
-    from encoders import create_encoder
-    from temporal.train import META_FILE, HeadShape, fit_model, recover_checkpoint
-
-    tr, m = spec.train, spec.model
-    if spec.tower.levels != (1,):
-        raise TrainError(f"train.backbone: {tr.backbone} trains on the whole frame only: set tower.levels: [1] "
-                         "(tiles and their fusion train with train.backbone: frozen)")
+    tr = spec.train
     checkpoint = recover_checkpoint(out / "model")
     resume = (checkpoint / META_FILE).exists()
-    # training runs in float32 whatever model.dtype says (bf16 weights do not train well)
-    encoder = create_encoder(m.family, pretrained=str(checkpoint) if resume else m.pretrained,
-                             local_files_only=m.local_files_only or resume, dtype="float32", device="cpu",
-                             scratch=tr.backbone == "scratch" and not resume)
+    # training runs in float32 on the CPU whatever model.dtype says (bf16 weights do not train well)
+    source = replace(spec, model=replace(spec.model, pretrained=str(checkpoint), local_files_only=True)) if resume \
+        else spec
+    encoder = create_model(source, tagging=False, training=True, dtype="float32", device="cpu",
+                           scratch=tr.backbone == "scratch" and not resume).encoder
     torch.set_num_threads(os.cpu_count() or 1)
     data, texts = _pixel_clips(spec, tr.manifest, encoder.preprocess_cfg, log=log)
     held_out = _pixel_clips(spec, tr.eval_manifest, encoder.preprocess_cfg, log=log) if tr.eval_manifest else None
-    shape = HeadShape(dim=encoder.embed_dim, heads=tr.heads, layers=tr.layers)
-    started = time.monotonic()
-    head = fit_model(encoder, data, texts, shape, _settings(spec), checkpoint_dir=checkpoint, log=log,
-                     evaluate=(lambda enc, h: {"val_" + k: v for k, v in _pixel_metrics(enc, h, *held_out).items()
-                                               if k in ("R@1", "top1")}) if held_out else None)
+    task = ModelTask(encoder, data, texts, HeadShape(dim=encoder.embed_dim, heads=tr.heads, layers=tr.layers), tr)
+    fit(task, tr, checkpoint_dir=checkpoint, log=log,
+        evaluate=(lambda: _val(_pixel_metrics(encoder, task.head, *held_out))) if held_out else None)
     sample = torch.randperm(len(data.pixels), generator=torch.Generator().manual_seed(0))[:1000]
-    summary = {"clips": len(data.pixels), "texts": len(texts), "epochs": tr.epochs, "backbone": tr.backbone,
-               "seconds": round(time.monotonic() - started, 1), "checkpoint": str(checkpoint),
-               "train": _pixel_metrics(encoder, head, data.subset(sample), texts)}  # 1,000 clips: a check, not a cost
+    summary = {"clips": len(data.pixels), "texts": len(texts), "checkpoint": str(checkpoint),
+               "train": _pixel_metrics(encoder, task.head, data.subset(sample), texts)}  # 1,000 clips: a check
     if held_out:
-        summary["eval"] = _pixel_metrics(encoder, head, *held_out)
-    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary["eval"] = _pixel_metrics(encoder, task.head, *held_out)
     return summary
 
 
 def run_eval(spec: PipelineSpec) -> dict:
-    from temporal.train import load_checkpoint, load_fusion
-
+    """Metrics of the model ``spec`` describes on ``train.eval_manifest``; write ``eval.json`` and return them."""
     if not spec.train.eval_manifest:
         raise TrainError("train.eval_manifest is not set: point it at a .jsonl/.csv of held-out labelled clips")
-    data, texts, text_emb = load_clips(spec, spec.train.eval_manifest, log=lambda r: None)
-    head = load_checkpoint(spec.temporal.checkpoint)[0] if spec.temporal.checkpoint else None
-    fuse = _fusion(spec, data.frames.shape[-1])
-    if fuse is not None:
-        load_fusion(spec.temporal.checkpoint, fuse)
+    model = create_model(spec, tagging=False)
+    data = load_clips(spec, model, spec.train.eval_manifest, log=lambda r: None)
+    head = model.pooler if spec.temporal.checkpoint else None
     result = {"pooling": spec.temporal.pooling if head is not None else "mean",
-              **evaluate(head, data.fused(fuse), texts, text_emb)}
+              **evaluate(head, data.fused(model.tower.fuse))}
     out = Path(spec.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "eval.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -9,6 +9,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from encoders.video_text import VideoTextModel, create_model, decode_short_side, segments_per_call
+
 from ._isolate import IsolatedDecoder
 from .config import PipelineSpec
 from .decode import (
@@ -28,8 +30,10 @@ from .writer import STREAM_SCHEMA
 
 @dataclass(frozen=True)
 class Resources:
-    cpus: float = 1.0
-    gpus: float = 0.0
+    """What one instance of a stage reserves on a Ray node."""
+
+    cpus: float = 1.0  # CPU cores
+    gpus: float = 0.0  # GPUs (a fraction shares one)
 
 
 def _row(kind: str, vid: str, uri: str, **fields) -> dict:
@@ -117,10 +121,9 @@ _DECODERS: dict[tuple, IsolatedDecoder] = {}
 class DecodeStage:
     """1 video -> N segment rows + 1 ``end`` row, decoded in a child process (see ``_isolate``)."""
 
-    resources = Resources(cpus=1.0)
-
-    def __init__(self, spec: PipelineSpec, *, short_side: int):
-        self.spec, self.short_side = spec, short_side
+    def __init__(self, spec: PipelineSpec, *, short_side: int | None = None):
+        self.spec, self.short_side = spec, short_side or decode_short_side(spec)
+        self.resources = Resources(cpus=spec.ray.decode_cpus)
         self._decoder = None
 
     def setup(self) -> None:
@@ -147,100 +150,52 @@ class DecodeStage:
 
 
 class EncodeStage:
-    """N segment rows -> N rows with a segment embedding, tags and region tags (``end`` rows pass through)."""
-
-    resources = Resources(cpus=1.0)
-    batch_size = 4  # segments per call
+    """N segment rows -> N rows with a segment embedding, tags and region tags (``end`` rows pass through). The
+    segments of a call share backbone calls: ``batch_size`` segments fill ``model.batch_size`` images."""
 
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
+        self.resources = Resources(cpus=spec.ray.encoder_cpus, gpus=spec.ray.gpus_per_actor)
+        self.batch_size = segments_per_call(spec)  # segments per call
+        self.model: VideoTextModel | None = None
 
     def setup(self) -> None:
         import torch
-        import torch.nn.functional as F
-
-        from encoders import HierarchicalTower, create_encoder, label_embeddings, load_vocabulary, preprocess
-        from encoders.text import calibrate, null_images
-        from temporal import build_pooler
 
         torch.set_num_threads(self.spec.ray.threads_per_actor)
-        m, t = self.spec.model, self.spec.tower
-        self.encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only,
-                                      dtype=m.dtype, device=m.device)
-        self.tower = HierarchicalTower(self.encoder, levels=t.levels, fusion=t.fusion, batch_size=m.batch_size,
-                                       fine_frames=t.fine_frames, overlap=t.tile_overlap)
-        if t.fusion == "attention":  # trained with the head; the config checked it was for these views
-            from temporal.train import load_fusion
-
-            load_fusion(self.spec.temporal.checkpoint, self.tower.fuse)
-        if self.spec.temporal.checkpoint:
-            from temporal.train import load_checkpoint
-
-            self.pooler = load_checkpoint(self.spec.temporal.checkpoint)[0]
-        else:
-            self.pooler = build_pooler(self.spec.temporal.pooling, self.encoder.embed_dim)
-        self.vocab = load_vocabulary(self.spec.tags.vocabulary) if self.spec.tags.vocabulary else None
-        if self.vocab is not None:
-            self.label_emb = label_embeddings(self.encoder, self.vocab, self.spec.tags.prompts)
-            reference = null_images(self.encoder.preprocess_cfg.resolution)
-            self.calibration = calibrate(F.normalize(self.encoder.forward_features(
-                preprocess(reference, self.encoder.preprocess_cfg)), dim=-1), self.label_emb)
+        self.model = create_model(self.spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = []
-        for i in range(len(batch["kind"])):
-            row = {k: batch[k][i] for k in STREAM_SCHEMA.names if k in batch}
-            if row["kind"] == "segment":
-                row.update(self._encode(batch["frames"][i], row["frame_times_s"]))
-            rows.append(row)
+        if self.model is None:
+            self.setup()
+        rows = [{k: batch[k][i] for k in STREAM_SCHEMA.names if k in batch} for i in range(len(batch["kind"]))]
+        todo = [i for i, row in enumerate(rows) if row["kind"] == "segment"]
+        for i, result in zip(todo, self._encode([batch["frames"][i] for i in todo],
+                                                [rows[i]["frame_times_s"] for i in todo])):
+            rows[i].update(result)
         return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
 
-    def _encode(self, frames: np.ndarray, times_s: np.ndarray) -> dict:
-        import torch
-
+    def _encode(self, frames: list[np.ndarray], times_s: list[np.ndarray]) -> list[dict]:
+        """The segments together; when that fails, each alone, so only a segment that cannot be encoded is
+        recorded as an error (per item, never per batch)."""
+        if not frames:
+            return []
         try:
-            with torch.inference_mode():
-                fused, regions, boxes, _ = self.tower(torch.from_numpy(np.ascontiguousarray(frames)))
-                emb = self.pool(fused[None], torch.as_tensor(times_s, dtype=torch.float32)[None])  # [1, D]
-                tags, region_tags = self.tag(emb), self.tag_regions(regions, boxes)
+            return self.model.encode(frames, times_s)
         except Exception as e:  # noqa: BLE001 - a segment that cannot be encoded is recorded, not fatal
-            return {"stage": "encode", "error_type": type(e).__name__, "message": _first_line(e)}
-        return {"embedding": emb[0].numpy().astype(np.float32), "tags": tags[0] if tags else [],
-                "region_tags": region_tags}
-
-    def pool(self, frames, times_s):
-        """``[B,T,D]`` frame embeddings -> ``[B,D]`` segment embeddings."""
-        from temporal import mean_pool
-
-        return mean_pool(frames) if self.pooler is None else self.pooler(frames, times_s)
-
-    def tag(self, emb) -> list[list[dict]]:
-        from encoders import tag_probabilities, top_tags
-
-        if self.vocab is None:
-            return []
-        probs = tag_probabilities(emb, self.label_emb, self.encoder.logit_scale)
-        return top_tags(probs, self.vocab.labels, self.spec.tags.top_k, self.calibration(emb @ self.label_emb.T))
-
-    def tag_regions(self, regions, boxes) -> list[dict]:
-        """Best label of each tile (levels >= 2), from its embedding averaged over the fine frames."""
-        import torch.nn.functional as F
-
-        if self.vocab is None or regions.shape[1] < 2:
-            return []
-        tiles = F.normalize(regions[:, 1:].mean(0), dim=-1)  # [V', D]
-        best = self.tag(tiles)
-        return [{**b[0], "box": [float(x) for x in box]} for b, box in zip(best, boxes[1:])]
+            if len(frames) == 1:
+                return [{"stage": "encode", "error_type": type(e).__name__, "message": _first_line(e)}]
+        return [result for f, t in zip(frames, times_s) for result in self._encode([f], [t])]
 
 
-def run_sequential(spec: PipelineSpec, uris: Iterable[str], *, short_side: int) -> pa.Table:
-    """Decode and encode without Ray (tests, debugging); returns the stream rows."""
+def run_sequential(spec: PipelineSpec, uris: Iterable[str], *, short_side: int | None = None) -> pa.Table:
+    """Decode and encode without Ray (tests, debugging), in the encode stage's batches; returns the stream rows."""
     decode, encode = DecodeStage(spec, short_side=short_side), EncodeStage(spec)
     decode.setup()
     encode.setup()
+    rows = [row for uri in uris for row in decode({"uri": uri})]
     tables = []
-    for uri in uris:
-        rows = list(decode({"uri": uri}))
-        batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
-        tables.append(encode(batch))
+    for first in range(0, len(rows), encode.batch_size):
+        chunk = rows[first:first + encode.batch_size]
+        tables.append(encode({k: np.array([r[k] for r in chunk] + [None], dtype=object)[:-1] for k in chunk[0]}))
     return pa.concat_tables(tables)

@@ -10,7 +10,6 @@ The manifest records each video's fingerprint (size, modification time), so a ch
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -19,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from temporal.files import atomic_path
 
 # score: softmax probability over the vocabulary; confidence: calibrated, comparable across labels and videos
 TAG = pa.struct([("label", pa.string()), ("score", pa.float32()), ("confidence", pa.float32())])
@@ -95,10 +96,9 @@ MANIFEST_SCHEMA = pa.schema([
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` through a hidden temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    """Write ``table`` to ``path`` as Parquet, through :func:`temporal.files.atomic_path`."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def latest_config(out_dir: str | Path) -> tuple[str, str] | None:
@@ -242,27 +242,10 @@ class OutputWriter:
         return list(self._rows)
 
 
-def write_actions(out_dir: str | Path, *, config_hash: str, threshold: float) -> int:
-    """Localise actions from the stored window tags of this config (no decoding, no model): per video and label,
-    windows whose confidence reaches ``threshold``, temporal NMS, merged. Rewrites ``actions/`` atomically."""
-    import numpy as np
-
-    from temporal.localize import localize
-
-    table = read_table(out_dir, "segments")
-    table = table.filter(pc.equal(table["config_hash"], config_hash))
-    rows = []
-    by_video: dict[str, list[dict]] = defaultdict(list)
-    for row in table.select(["video_id", "uri", "start_s", "end_s", "tags"]).to_pylist():
-        by_video[row["video_id"]].append(row)
-    for vid, windows in by_video.items():
-        spans = np.array([[w["start_s"], w["end_s"]] for w in windows])
-        for label in sorted({t["label"] for w in windows for t in w["tags"]}):
-            scores = np.array([next((t["confidence"] for t in w["tags"] if t["label"] == label), 0.0) for w in windows])
-            for start, end, score in localize(spans, scores, threshold=threshold):
-                rows.append({"video_id": vid, "uri": windows[0]["uri"], "label": label, "start_s": start,
-                             "end_s": end, "score": score, "config_hash": config_hash})
+def write_actions(out_dir: str | Path, actions: list[dict], *, config_hash: str) -> int:
+    """Replace ``actions/actions.parquet`` with ``actions`` (rows of :func:`temporal.localize.localize_videos`)."""
     directory = Path(out_dir) / "actions"
     directory.mkdir(parents=True, exist_ok=True)
+    rows = [{**a, "config_hash": config_hash} for a in actions]
     write_atomic(pa.Table.from_pylist(rows, schema=ACTIONS_SCHEMA), directory / "actions.parquet")
     return len(rows)

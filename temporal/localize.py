@@ -54,3 +54,20 @@ def localize(spans: np.ndarray, scores: np.ndarray, *, threshold: float, iou: fl
         else:
             merged.append([start, end, score])
     return [tuple(m) for m in merged]
+
+
+def localize_videos(windows: list[dict], *, threshold: float) -> list[dict]:
+    """Window rows ``{video_id, uri, start_s, end_s, tags}`` (several scales) -> action rows ``{video_id, uri, label,
+    start_s, end_s, score}``: per video and label, the windows whose tag confidence reaches ``threshold``, temporal
+    NMS, merged into actions with their true extents."""
+    by_video: dict[str, list[dict]] = {}
+    for row in windows:
+        by_video.setdefault(row["video_id"], []).append(row)
+    actions = []
+    for vid, rows in by_video.items():
+        spans = np.array([[w["start_s"], w["end_s"]] for w in rows])
+        for label in sorted({t["label"] for w in rows for t in w["tags"]}):
+            scores = np.array([next((t["confidence"] for t in w["tags"] if t["label"] == label), 0.0) for w in rows])
+            actions += [{"video_id": vid, "uri": rows[0]["uri"], "label": label, "start_s": start, "end_s": end,
+                         "score": score} for start, end, score in localize(spans, scores, threshold=threshold)]
+    return actions

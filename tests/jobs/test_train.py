@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from encoders._tiny import save_tiny
-from jobs.run import decode_short_side
+from encoders.video_text import decode_short_side
 from pipeline.config import parse_spec
 from pipeline.stages import run_sequential
 from pipeline.synth import sample_clips, write_clips

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jobs.demo import DEMO_CLIPS, MODEL, demo_spec
-from jobs.run import decode_short_side
+from encoders.video_text import decode_short_side
 from pipeline.stages import DecodeStage, EncodeStage
 from pipeline.synth import write_clips
 

@@ -8,6 +8,7 @@ import pytest
 from pipeline.config import parse_spec
 from pipeline.stages import decode_rows
 from pipeline.writer import STREAM_SCHEMA, OutputWriter, latest_config, read_table, write_actions
+from temporal.localize import localize_videos
 
 
 def _segment(vid, i, start, end, tags):
@@ -31,7 +32,7 @@ def test_a_video_is_written_only_when_all_its_rows_are_in(tmp_path):
     assert read_table(tmp_path, "segments").num_rows == 2 and read_table(tmp_path, "errors").num_rows == 1
     assert writer.finished() == {("a", ""), ("b", "")}  # no fingerprints given here
     assert OutputWriter(tmp_path, config_hash="h2", model="m").finished() == set()  # another config: not done
-    assert not list(tmp_path.rglob(".*.tmp"))
+    assert not list(tmp_path.rglob(".*.tmp*"))
 
 
 def test_actions_are_localised_from_the_stored_window_confidences(tmp_path):
@@ -41,7 +42,8 @@ def test_actions_are_localised_from_the_stored_window_confidences(tmp_path):
     rows = [_segment("v", i, a, b, t) for i, (a, b, t) in enumerate(windows)] + [_end("v", len(windows))]
     writer.add(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))
     writer.flush()
-    assert write_actions(tmp_path, config_hash="h", threshold=0.5) == 2
+    stored = read_table(tmp_path, "segments", "h").to_pylist()
+    assert write_actions(tmp_path, localize_videos(stored, threshold=0.5), config_hash="h") == 2
     actions = sorted((a["label"], a["start_s"], a["end_s"], round(a["score"], 3))
                      for a in read_table(tmp_path, "actions").to_pylist())
     assert actions == [("jump", 4.0, 6.0, 0.8), ("run", 1.0, 5.0, 0.9)]

@@ -6,22 +6,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from temporal.train import ClipEmbeddings, HeadShape, TrainSettings, fit, load_checkpoint, save_checkpoint
+from encoders.tower import ViewAttention
+from pipeline.config import TrainSpec
+from temporal.checkpoint import HeadShape, load_checkpoint, load_fusion, recover_checkpoint, save_checkpoint, swap_in
+from temporal.train import ClipEmbeddings, ClipPixels, HeadTask, ModelTask, fit
 
 
 def _data(n=24, t=6, d=16, seed=0) -> ClipEmbeddings:
     g = torch.Generator().manual_seed(seed)
     frames = F.normalize(torch.randn(n, t, d, generator=g), dim=-1)
     groups = torch.arange(n) % 3
-    text = F.normalize(torch.randn(3, d, generator=g), dim=-1)[groups]
+    text = F.normalize(torch.randn(3, d, generator=g), dim=-1)
     return ClipEmbeddings(frames, torch.linspace(0, 1, t).expand(n, t), torch.ones(n, t, dtype=torch.bool), text,
                           groups)
+
+
+def _fit_head(data, settings, directory, log=lambda r: None, fuse=None):
+    task = HeadTask(data, HeadShape(dim=16), settings, fuse=fuse)
+    fit(task, settings, checkpoint_dir=directory, log=log)
+    return task.head
 
 
 def test_checkpoint_round_trip(tmp_path):
     head = HeadShape(dim=16).build()
     torch.nn.init.normal_(head.out.weight)
-    save_checkpoint(tmp_path, head, HeadShape(dim=16), torch.tensor(2.5), epoch=3, settings=TrainSettings())
+    save_checkpoint(tmp_path, head, HeadShape(dim=16), torch.tensor(2.5), epoch=3, settings={})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.safetensors"]
     assert json.loads((tmp_path / "head.json").read_text())["epoch"] == 3
     loaded, scale, meta, _ = load_checkpoint(tmp_path / "head.safetensors")
@@ -38,39 +47,36 @@ def _crash_in_epoch(n):
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
-    data, shape, settings = _data(), HeadShape(dim=16), TrainSettings(epochs=4, batch_size=8)
+    data, settings = _data(), TrainSpec(epochs=4, batch_size=8)
     torch.manual_seed(0)
-    straight = fit(data, shape, settings, checkpoint_dir=tmp_path / "a", log=lambda r: None)
+    straight = _fit_head(data, settings, tmp_path / "a")
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=_crash_in_epoch(3))
+        _fit_head(data, settings, tmp_path / "b", log=_crash_in_epoch(3))
     records = []
-    resumed = fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=records.append)
+    resumed = _fit_head(data, settings, tmp_path / "b", log=records.append)
     assert records[0] == {"resumed_from_epoch": 2} and records[-1]["epoch"] == 4
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
     # the finished checkpoint drops the optimizer's moments; asking for more epochs starts fresh ones
     assert load_checkpoint(tmp_path / "a")[3] == {}
     more = []
-    fit(data, shape, TrainSettings(epochs=5, batch_size=8), checkpoint_dir=tmp_path / "a", log=more.append)
+    _fit_head(data, TrainSpec(epochs=5, batch_size=8), tmp_path / "a", log=more.append)
     assert more[0] == {"resumed_from_epoch": 4} and more[-1]["epoch"] == 5
 
 
 def test_a_view_fusion_trains_with_the_head_and_resumes_exactly(tmp_path):
     """``tower.fusion: attention`` is trained with the head (frozen backbone): it starts as the whole frame (a
     zero-initialised residual), moves, is saved as ``fuse.*`` with the views' levels, and resumes like the head."""
-    from encoders.tower import ViewAttention
-    from temporal.train import load_fusion
-
     base = _data()
     views = F.normalize(torch.randn(24, 6, 5, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     data = ClipEmbeddings(views[:, :, 0], base.times_s, base.mask, base.text, base.groups, views,
                           torch.tensor([1, 2, 2, 2, 2]))
     assert torch.allclose(data.fused(ViewAttention(16)).frames, data.frames, atol=1e-6)  # untrained: whole frame
-    shape, settings = HeadShape(dim=16), TrainSettings(epochs=4, batch_size=8)
+    settings = TrainSpec(epochs=4, batch_size=8)
     torch.manual_seed(0)
     fuse = ViewAttention(16)
-    head = fit(data, shape, settings, checkpoint_dir=tmp_path / "a", log=lambda r: None, fuse=fuse)
+    head = _fit_head(data, settings, tmp_path / "a", fuse=fuse)
     assert fuse.out.weight.abs().sum() > 0
     assert json.loads((tmp_path / "a" / "head.json").read_text())["view_levels"] == [1, 2, 2, 2, 2]
     loaded = load_fusion(tmp_path / "a", ViewAttention(16))
@@ -78,20 +84,18 @@ def test_a_view_fusion_trains_with_the_head_and_resumes_exactly(tmp_path):
 
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=_crash_in_epoch(3), fuse=ViewAttention(16))
+        _fit_head(data, settings, tmp_path / "b", log=_crash_in_epoch(3), fuse=ViewAttention(16))
     resumed_fuse = ViewAttention(16)
-    resumed = fit(data, shape, settings, checkpoint_dir=tmp_path / "b", log=lambda r: None, fuse=resumed_fuse)
+    resumed = _fit_head(data, settings, tmp_path / "b", fuse=resumed_fuse)
     for a, b in zip([*head.state_dict().values(), *fuse.state_dict().values()],
                     [*resumed.state_dict().values(), *resumed_fuse.state_dict().values()]):
         assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="no trained view fusion"):  # a head trained without one
-        fit(base, shape, TrainSettings(epochs=1), checkpoint_dir=tmp_path / "c", log=lambda r: None)
+        _fit_head(base, TrainSpec(epochs=1), tmp_path / "c")
         load_fusion(tmp_path / "c", ViewAttention(16))
 
 
 def _pixels(n=12, t=4, r=32, seed=0):
-    from temporal.train import ClipPixels
-
     g = torch.Generator().manual_seed(seed)
     return ClipPixels(torch.randint(0, 256, (n, t, 3, r, r), dtype=torch.uint8, generator=g),
                       torch.linspace(0, 1, t).expand(n, t), torch.ones(n, t, dtype=torch.bool), torch.arange(n) % 3)
@@ -111,28 +115,32 @@ def test_end_to_end_training_resumes_after_a_crash_exactly_as_if_uninterrupted(t
     shifts and the mean-pooled loss included."""
     from encoders import create_encoder
     from encoders._tiny import save_tiny
-    from temporal.train import fit_model
 
     arch = save_tiny(tmp_path / "arch", words=("red", "green", "blue"), weights=False, squash=True)
     assert not list(arch.glob("*.safetensors"))  # architecture, tokenizer, preprocessing only
     data, texts, shape = _pixels(), ["red", "green", "blue"], HeadShape(dim=16)
-    settings = TrainSettings(epochs=3, batch_size=4, max_shift=0.125, mean_loss=0.5)
-    straight = fit_model(_scratch(arch), data, texts, shape, settings, checkpoint_dir=tmp_path / "a",
-                         log=lambda r: None)
+    settings = TrainSpec(backbone="scratch", epochs=3, batch_size=4, max_shift=0.125, mean_loss=0.5)
+
+    def fit_model(encoder, directory, log=lambda r: None):
+        task = ModelTask(encoder, data, texts, shape, settings)
+        fit(task, settings, checkpoint_dir=directory, log=log)
+        return task.head
+
+    straight = fit_model(_scratch(arch), tmp_path / "a")
 
     def crash_in_epoch_2(record):
         if record.get("epoch") == 2:
             raise KeyboardInterrupt
 
     try:
-        fit_model(_scratch(arch), data, texts, shape, settings, checkpoint_dir=tmp_path / "b", log=crash_in_epoch_2)
+        fit_model(_scratch(arch), tmp_path / "b", log=crash_in_epoch_2)
     except KeyboardInterrupt:
         pass
     assert json.loads((tmp_path / "b" / "head.json").read_text())["epoch"] == 1
     records = []
     encoder = create_encoder("clip", pretrained=str(tmp_path / "b"), local_files_only=True, dtype="float32",
                              device="cpu")
-    resumed = fit_model(encoder, data, texts, shape, settings, checkpoint_dir=tmp_path / "b", log=records.append)
+    resumed = fit_model(encoder, tmp_path / "b", log=records.append)
     assert records[0] == {"resumed_from_epoch": 1} and records[-1]["epoch"] == 3
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
@@ -150,7 +158,6 @@ def test_the_mean_pooled_loss_is_trained_and_logged(tmp_path):
     """``mean_loss``: each clip's mean frame embedding is also contrasted with its text (what one frame shows, here
     its colour, then lives in the frames themselves, not only in the head's residual); its own loss is logged."""
     from encoders._tiny import save_tiny
-    from temporal.train import ClipPixels, fit_model
 
     arch = save_tiny(tmp_path / "arch", words=("red", "green", "blue"), weights=False, squash=True)
     groups = torch.arange(12) % 3
@@ -161,9 +168,9 @@ def test_the_mean_pooled_loss_is_trained_and_logged(tmp_path):
 
     def train(weight, epochs, batch):
         records = []
-        fit_model(_scratch(arch), data, ["red", "green", "blue"], HeadShape(dim=16),
-                  TrainSettings(epochs=epochs, batch_size=batch, lr=3e-3, mean_loss=weight),
-                  checkpoint_dir=tmp_path / f"{weight}-{epochs}", log=records.append)
+        settings = TrainSpec(backbone="scratch", epochs=epochs, batch_size=batch, lr=3e-3, mean_loss=weight)
+        task = ModelTask(_scratch(arch), data, ["red", "green", "blue"], HeadShape(dim=16), settings)
+        fit(task, settings, checkpoint_dir=tmp_path / f"{weight}-{epochs}", log=records.append)
         return records
 
     # one step: the untrained head is exactly mean pooling, so the objective is (1 + weight) x the mean-pooled loss
@@ -176,8 +183,6 @@ def test_the_mean_pooled_loss_is_trained_and_logged(tmp_path):
 
 
 def test_a_checkpoint_swap_interrupted_anywhere_is_recovered(tmp_path):
-    from temporal.train import _swap_in, recover_checkpoint
-
     final, old = tmp_path / "model", tmp_path / "model.old"
     old.mkdir()
     (old / "w").write_text("epoch 1")
@@ -187,5 +192,5 @@ def test_a_checkpoint_swap_interrupted_anywhere_is_recovered(tmp_path):
     new = tmp_path / "model.tmp"
     new.mkdir()
     (new / "w").write_text("epoch 2")
-    _swap_in(new, final)
+    swap_in(new, final)
     assert (final / "w").read_text() == "epoch 2" and not old.exists() and not new.exists()

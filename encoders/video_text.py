@@ -1,0 +1,188 @@
+"""The one model a pipeline spec becomes: image-text encoder + hierarchical tower (+ its trained view fusion) +
+temporal pooler (+ its trained head) + the text side (vocabulary embeddings and their calibration).
+
+``run``, ``index``, ``search``, ``train``, ``eval``, ``demo`` and ``report`` all get their model from
+:func:`create_model`, and the rules a config must follow about models are :func:`model_problems`, checked by the
+config's validation on the driver and again here, so a library caller gets the same one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from temporal.checkpoint import CheckpointError, has_head, load_checkpoint, load_fusion, trained_view_levels
+from temporal.pooling import AttentionPooling, build_pooler, mean_pool
+
+from ._registry import create_encoder
+from .models import ImageTextEncoder, checkpoint_preprocess
+from .preprocess import preprocess
+from .text import Vocabulary, calibrate, label_embeddings, load_vocabulary, null_images, tag_probabilities, top_tags
+from .tower import HierarchicalTower, TowerOutput
+
+if TYPE_CHECKING:  # the schema is data the factory reads; encoders never import the pipeline at run time
+    from pipeline.config import ModelSpec, PipelineSpec, RaySpec
+
+IMAGES_PER_CALL = {"cpu": 16, "cuda": 256}  # model.batch_size: null -> images per backbone call on each device
+
+
+def images_per_call(model: ModelSpec, ray: RaySpec) -> int:
+    """Images per backbone call: ``model.batch_size``, or the default of the device the encoder workers get."""
+    gpu = model.device == "cuda" or (model.device == "auto" and ray.gpus_per_actor > 0)
+    return model.batch_size or IMAGES_PER_CALL["cuda" if gpu else "cpu"]
+
+
+def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[str, str]]:
+    """``(key, message)`` for every rule about the model that ``spec`` breaks (reads the head's ``head.json``).
+    ``training``: ``reeltag train`` trains the fusion and head, so it needs no checkpoint for them."""
+    tower, temporal = spec.tower, spec.temporal
+    if temporal.checkpoint is not None:
+        if not has_head(temporal.checkpoint):
+            return [("temporal.checkpoint", f"no head.safetensors in {temporal.checkpoint}")]
+        if temporal.pooling != "attention":
+            return [("temporal.checkpoint", "a trained head needs temporal.pooling: attention")]
+    if tower.fusion != "attention" or training:
+        return []
+    if temporal.checkpoint is None:
+        return [("tower.fusion", "attention is trained with the temporal head: set temporal.checkpoint to one "
+                                 "trained with this tower (`reeltag train` trains one)")]
+    try:
+        trained = trained_view_levels(temporal.checkpoint)
+    except CheckpointError as e:
+        return [("temporal.checkpoint", str(e))]
+    if trained != tower.view_levels:
+        found = "no view fusion" if trained is None else f"a fusion of levels {sorted(set(trained))}"
+        return [("tower.fusion", f"attention needs a fusion trained for levels {list(tower.levels)} and "
+                                 f"temporal.checkpoint has {found}: `reeltag train` with this tower "
+                                 "(train.backbone: frozen) trains one")]
+    return []
+
+
+@dataclass
+class Tagger:
+    """Zero-shot tags: the vocabulary's prompt-ensembled embeddings, scored with the model's temperature, and a
+    calibrated confidence comparable across labels."""
+
+    vocab: Vocabulary
+    label_emb: torch.Tensor  # [L, D] normalised
+    calibration: object  # encoders.text.Calibration
+    logit_scale: float
+    top_k: int
+
+    def tags(self, emb: torch.Tensor) -> list[list[dict]]:
+        """``[B, D]`` normalised segment (or tile) embeddings -> the ``top_k`` best tags of each."""
+        probs = tag_probabilities(emb, self.label_emb, self.logit_scale)
+        return top_tags(probs, self.vocab.labels, self.top_k, self.calibration(emb @ self.label_emb.T))
+
+    def region_tags(self, out: TowerOutput) -> list[dict]:
+        """The best label of each tile (levels >= 2), from its embedding averaged over the fine frames."""
+        if out.regions.shape[1] < 2:
+            return []
+        tiles = F.normalize(out.regions[:, 1:].mean(0), dim=-1)  # [V', D]
+        return [{**best[0], "box": [float(x) for x in box]} for best, box in zip(self.tags(tiles), out.boxes[1:])]
+
+
+class VideoTextModel(nn.Module):
+    """Segments' frames -> segment embeddings ``[B, D]`` in the joint space (and tags); texts -> embeddings."""
+
+    def __init__(self, encoder: ImageTextEncoder, tower: HierarchicalTower, pooler: AttentionPooling | None,
+                 tagger: Tagger | None = None):
+        super().__init__()
+        self.encoder, self.tower, self.pooler, self.tagger = encoder, tower, pooler, tagger
+
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def pool(self, frames: torch.Tensor, times_s: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B,T,D]`` frame embeddings, times ``[B,T]`` -> ``[B,D]`` normalised segment embeddings."""
+        return mean_pool(frames, mask) if self.pooler is None else self.pooler(frames, times_s, mask)
+
+    @torch.inference_mode()
+    def embed_segments(self, frames: list[torch.Tensor],
+                       times_s: list[torch.Tensor]) -> tuple[torch.Tensor, list[TowerOutput]]:
+        """Segments' uint8 frames ``[T_i,H_i,W_i,3]`` and times ``[T_i]`` -> ``[B,D]`` segment embeddings and each
+        segment's tower output. All the segments' views share backbone calls of ``tower.batch_size`` images."""
+        towers = self.tower.forward_batch(frames)
+        lengths = [len(f) for f in frames]
+        fused = nn.utils.rnn.pad_sequence([t.fused for t in towers], batch_first=True)  # [B, T, D]
+        times = nn.utils.rnn.pad_sequence([torch.as_tensor(t, dtype=torch.float32) for t in times_s],
+                                          batch_first=True)
+        mask = torch.arange(fused.shape[1])[None, :] < torch.tensor(lengths)[:, None]  # [B, T]
+        return self.pool(fused, times, None if all(n == fused.shape[1] for n in lengths) else mask), towers
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Strings as written -> ``[L, D]`` normalised text embeddings."""
+        return F.normalize(self.encoder.encode_text(list(texts)), dim=-1)
+
+    def embed_labels(self, vocab: Vocabulary, prompts: tuple[str, ...]) -> torch.Tensor:
+        """``[L, D]``: each label prompt-ensembled (cached per model)."""
+        return label_embeddings(self.encoder, vocab, prompts)
+
+    def encode(self, frames: list[np.ndarray], times_s: list[np.ndarray]) -> list[dict]:
+        """What the pipeline stores for each segment: ``embedding`` (float32), ``tags``, ``region_tags``."""
+        with torch.inference_mode():
+            emb, towers = self.embed_segments([torch.from_numpy(np.ascontiguousarray(f)) for f in frames], times_s)
+            if self.tagger is None:
+                return [{"embedding": e.numpy().astype(np.float32), "tags": [], "region_tags": []} for e in emb]
+            tags = self.tagger.tags(emb)
+            return [{"embedding": e.numpy().astype(np.float32), "tags": t, "region_tags": self.tagger.region_tags(o)}
+                    for e, t, o in zip(emb, tags, towers)]
+
+
+def _tagger(encoder: ImageTextEncoder, spec: PipelineSpec) -> Tagger | None:
+    if spec.tags.vocabulary is None:
+        return None
+    vocab = load_vocabulary(spec.tags.vocabulary)
+    label_emb = label_embeddings(encoder, vocab, spec.tags.prompts)
+    reference = preprocess(null_images(encoder.preprocess_cfg.resolution), encoder.preprocess_cfg)
+    calibration = calibrate(F.normalize(encoder.forward_features(reference), dim=-1), label_emb)
+    return Tagger(vocab, label_emb, calibration, encoder.logit_scale, spec.tags.top_k)
+
+
+def create_model(spec: PipelineSpec, *, tagging: bool = True, video: bool = True, training: bool = False,
+                 scratch: bool = False, dtype: str | None = None, device: str | None = None) -> VideoTextModel:
+    """The model ``spec`` describes, with its trained fusion and head from ``temporal.checkpoint``.
+
+    ``tagging``: with the vocabulary's embeddings; ``video``: False for the text side alone (a search query: no
+    fusion or head is loaded); ``training``: fusion and head as training starts them (untrained; the training
+    loop resumes them); ``scratch``: fresh weights in the checkpoint's architecture; ``dtype`` and ``device``
+    override ``model.dtype`` and ``model.device``."""
+    problems = model_problems(spec, training=training) if video else []
+    if problems:
+        raise CheckpointError("; ".join(f"{key}: {message}" for key, message in problems))
+    m, t = spec.model, spec.tower
+    encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only,
+                             dtype=dtype or m.dtype, device=device or m.device, scratch=scratch)
+    batch = m.batch_size or IMAGES_PER_CALL.get(encoder.device.type, IMAGES_PER_CALL["cpu"])
+    tower = HierarchicalTower(encoder, levels=t.levels, fusion=t.fusion, batch_size=batch, fine_frames=t.fine_frames,
+                              overlap=t.tile_overlap)
+    trained = video and spec.temporal.checkpoint is not None and not training
+    if t.fusion == "attention" and trained:
+        load_fusion(spec.temporal.checkpoint, tower.fuse)
+    pooler = (load_checkpoint(spec.temporal.checkpoint)[0] if trained
+              else build_pooler(spec.temporal.pooling, encoder.embed_dim))
+    return VideoTextModel(encoder, tower, pooler, _tagger(encoder, spec) if tagging else None).eval()
+
+
+def decode_short_side(spec: PipelineSpec) -> int:
+    """Short side frames are decoded at: ``decode.short_side_px``, else what the highest tower level needs (level L
+    wants 2^(L-1) x the backbone's input side); read from the checkpoint's files without loading weights."""
+    if spec.decode.short_side_px:
+        return spec.decode.short_side_px
+    cfg = checkpoint_preprocess(family=spec.model.family, pretrained=spec.model.pretrained,
+                                local_files_only=spec.model.local_files_only)
+    return max(cfg.level1_side, cfg.resolution * 2 ** (max(spec.tower.levels) - 1))
+
+
+def segments_per_call(spec: PipelineSpec) -> int:
+    """Segments the encode stage takes at a time: enough that their images fill a backbone call."""
+    images = spec.sampling.frames if spec.sampling.strategy != "fps" else spec.sampling.max_frames
+    return max(1, math.ceil(images_per_call(spec.model, spec.ray) / images))
