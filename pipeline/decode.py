@@ -7,16 +7,24 @@ H.264, VP9 and MJPEG, but frames a few positions late after HEVC keyframes and a
 Part 2 AVI with B-frames. VP8 is decoded exactly by Decord on our files, but was reported wrong on others, so
 it goes to PyAV too. ``auto`` therefore uses Decord only for the codecs in :data:`DECORD_EXACT_CODECS`, and
 only for dense reads: for sparse ones PyAV is faster (benchmarks/decode_bench.py).
+
+Every backend is a :class:`VideoReader`; :func:`open_video` is the one place a reader is opened, and the one
+place ``auto`` falls back from Decord to PyAV (when Decord cannot open a file, or fails on a read).
 """
 
 from __future__ import annotations
 
+import abc
+import functools
 import hashlib
 import os
 import stat
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+
+from .segments import frame_histograms, sample_uniform
 
 DECORD_EXACT_CODECS = frozenset({"h264", "vp9", "mjpeg"})
 _IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "gif", "tiff_pipe")
@@ -148,7 +156,28 @@ def choose_backend(info: VideoInfo, requested: str, exact: bool, needed_fraction
     return "decord" if exact and dense and info.codec in DECORD_EXACT_CODECS else "pyav"
 
 
-class DecordReader:
+class VideoReader(abc.ABC):
+    """Sampled frames of one video, decoded at a fixed display size (pytorchvideo's ``Video`` pattern)."""
+
+    name: str  # the backend that decoded the last read: decord or pyav (recorded in each segment row)
+    served_pts: np.ndarray  # int64 pts of the frames the last read() returned
+
+    @abc.abstractmethod
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 ``[len(indices), H, W, 3]`` for sorted unique frame indices; DecodeError if they cannot be."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the decoder; the reader is not read again."""
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DecordReader(VideoReader):
     """Decord: ``get_batch`` of sorted frame indices, resized while decoding (it applies rotation itself)."""
 
     name = "decord"
@@ -182,7 +211,7 @@ class DecordReader:
         self._vr = None
 
 
-class PyAVReader:
+class PyAVReader(VideoReader):
     """PyAV: seek to the keyframe before each wanted frame (when it lies ahead of the decoder) and decode
     forward to the frame's exact timestamp, skipping non-reference frames while the target is still far away
     (a target that gets skipped all the same is decoded again without skipping). ``exact=False`` is a coarse
@@ -282,19 +311,62 @@ class PyAVReader:
             self._container = self._frames = None
 
 
-def open_reader(backend: str, path: str, info: VideoInfo, index: FrameIndex, size: tuple[int, int], *,
-                threads: int = 1, exact: bool = True):
-    """A reader of ``backend`` (decord or pyav) for ``path``, decoding at ``size`` (display width, height)."""
-    if backend == "decord":
+class FallbackReader(VideoReader):
+    """Reads with ``primary`` until a read fails, then with ``fallback()`` from that read on (``name`` says
+    which served the last read). What ``auto`` does when it chose Decord and Decord fails mid-file."""
+
+    def __init__(self, primary: VideoReader, fallback: Callable[[], VideoReader]):
+        self._reader, self._fallback = primary, fallback
+
+    @property
+    def name(self) -> str:
+        return self._reader.name
+
+    @property
+    def served_pts(self) -> np.ndarray:
+        return self._reader.served_pts
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        try:
+            return self._reader.read(indices)
+        except DecodeError:
+            if self._fallback is None:
+                raise
+        self._reader.close()
+        self._reader, self._fallback = self._fallback(), None
+        return self._reader.read(indices)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def open_video(path: str, info: VideoInfo, index: FrameIndex, size: tuple[int, int], *, backend: str,
+               requested: str = "auto", threads: int = 1, exact: bool = True) -> VideoReader:
+    """A reader of ``backend`` (decord or pyav, from :func:`choose_backend`) for ``path``, decoding at ``size``
+    (display width, height). When ``requested`` is ``auto`` and it chose Decord, PyAV takes over where Decord
+    cannot open the file, or from the first read Decord fails on."""
+    pyav = functools.partial(PyAVReader, path, info, index, size, threads, exact)
+    if backend == "pyav":
+        return pyav()
+    if backend != "decord":
+        raise ValueError(f"backend must be decord or pyav, got {backend!r}")
+    if requested != "auto":
         return DecordReader(path, info, index, size, threads)
-    return PyAVReader(path, info, index, size, threads, exact)
+    try:
+        return FallbackReader(DecordReader(path, info, index, size, threads), pyav)
+    except DecodeError:
+        return pyav()
+
+
+def open_reader(backend: str, path: str, info: VideoInfo, index: FrameIndex, size: tuple[int, int], *,
+                threads: int = 1, exact: bool = True) -> VideoReader:
+    """:func:`open_video` of exactly ``backend``, no fallback (kept for callers not moved to open_video yet)."""
+    return open_video(path, info, index, size, backend=backend, requested=backend, threads=threads, exact=exact)
 
 
 def low_res_histograms(path: str, index: FrameIndex, *, threads: int = 1, side: int = 32) -> np.ndarray:
     """Colour histograms ``[N, 48]`` of every frame, decoded at ``side`` pixels (the cheap pass for shot cuts)."""
     import av
-
-    from .segments import frame_histograms
 
     hists = []
     with av.open(path) as container:
@@ -312,24 +384,12 @@ def decode_span(path: str, start_s: float, end_s: float | None, frames: int, sho
                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """``frames`` frames spread uniformly over ``[start_s, end_s)`` of one video (a labelled clip): uint8
     ``[T,H,W,3]`` and their times in seconds from the video's first frame."""
-    from .segments import sample_uniform
-
     info, index = probe(path)
     times = index.times_s
     wanted = sample_uniform(times, start_s, index.end_s if end_s is None else min(end_s, index.end_s), frames)
     needed = np.unique(wanted)
-    size = decode_size(info, short_side)
     chosen = choose_backend(info, backend, True, len(needed) / len(times))
-    for name in dict.fromkeys([chosen, "pyav"] if backend == "auto" else [chosen]):
-        try:
-            reader = open_reader(name, path, info, index, size)
-            try:
-                out = reader.read(needed)
-            finally:
-                reader.close()
-            break
-        except DecodeError:
-            if name == "pyav" or backend != "auto":
-                raise
+    with open_video(path, info, index, decode_size(info, short_side), backend=chosen, requested=backend) as reader:
+        out = reader.read(needed)
     at = np.searchsorted(needed, wanted)
     return out[at], times[needed][at]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -11,10 +12,22 @@ import numpy as np
 import pytest
 
 from pipeline.config import parse_spec
-from pipeline.decode import DecodeError, DecordReader, PyAVReader, decode_size, probe
+from pipeline.decode import (
+    DecodeError,
+    DecordReader,
+    PyAVReader,
+    choose_backend,
+    decode_size,
+    decode_span,
+    open_video,
+    probe,
+)
 from pipeline.stages import DecodeStage, decode_rows
 from pipeline.synth import Clip, render, write_video
 from tests.conftest import write_audio_only
+from tests.pipeline.test_decode_exact import FFMPEG
+
+needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="needs the ffmpeg CLI (make test installs it with apt-get)")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +117,103 @@ def test_auto_falls_back_to_pyav_and_records_it(h264, tmp_path, spec_of):
     rows = list(decode_rows(str(wide), spec, 32))  # 96x64 -> 48x32: Decord breaks, PyAV takes over
     assert {r["backend"] for r in rows} == {"pyav"} and rows[-1]["error_type"] == ""
     assert rows[0]["frames"].shape == (4, 32, 48, 3)
+
+
+@pytest.fixture(scope="module")
+def camera_h264(tmp_path_factory):
+    """8 s of H.264 as the ffmpeg CLI writes it (x264, 3 B-frames, a keyframe every 2 s), index at the front."""
+    path = tmp_path_factory.mktemp("cli") / "camera.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25", "-t", "8",
+                    "-c:v", "libx264", "-g", "50", "-bf", "3", "-pix_fmt", "yuv420p", "-movflags", "+faststart",
+                    str(path)], check=True)
+    return path
+
+
+def _packet_positions(path) -> list[int]:
+    """File offset of each video packet, in decoding order."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [packet.pos for packet in container.demux(container.streams.video[0]) if packet.size]
+
+
+def _ffmpeg_all(path, size: tuple[int, int]) -> np.ndarray:
+    """Every frame as the ffmpeg CLI decodes it, rgb24 ``[N, H, W, 3]``."""
+    raw = subprocess.run([FFMPEG, "-v", "error", "-i", str(path), "-fps_mode", "passthrough", "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, size[1], size[0], 3)
+
+
+def _exact(frames: np.ndarray, reference: np.ndarray) -> bool:
+    """Each frame is the reference's (decoders agree to rounding), not a neighbour."""
+    return bool(np.abs(frames.astype(np.int16) - reference.astype(np.int16)).mean(axis=(1, 2, 3)).max() <= 1.0)
+
+
+@needs_ffmpeg
+def test_auto_reads_a_file_decord_cannot_open_with_pyav(camera_h264, tmp_path):
+    """A copy cut short inside a packet of the third GOP (its index still names every frame): Decord refuses to open
+    it; auto gives PyAV's frames of the first two GOPs, which are ffmpeg's; asked for Decord by name, an error."""
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(camera_h264.read_bytes()[:_packet_positions(camera_h264)[120] + 100])
+    info, index = probe(str(cut))
+    wanted = np.arange(100)  # keyframes at 0, 50, 100
+    assert len(index.pts) > 100 and choose_backend(info, "auto", exact=True) == "decord"
+    with pytest.raises(DecodeError, match="decord cannot open"):
+        open_video(str(cut), info, index, (160, 120), backend="decord", requested="decord")
+    reader = open_video(str(cut), info, index, (160, 120), backend="decord", requested="auto")
+    frames = reader.read(wanted)
+    assert reader.name == "pyav"
+    assert np.array_equal(frames, PyAVReader(str(cut), info, index, (160, 120)).read(wanted))
+    assert _exact(frames, _ffmpeg_all(camera_h264, (160, 120))[wanted])  # the frames before the cut are intact
+    clip, times = decode_span(str(cut), 0.0, 3.9, 40, 120)  # a labelled clip, dense enough that auto picks Decord
+    picks = np.searchsorted(index.times_s, times)
+    assert np.array_equal(clip, frames[picks]) and len(np.unique(picks)) == 40
+    with pytest.raises(DecodeError):
+        decode_span(str(cut), 0.0, 3.9, 40, 120, backend="decord")
+
+
+@needs_ffmpeg
+def test_auto_reads_with_pyav_from_the_read_decord_fails_on(tmp_path):
+    """Decord opens the file, then fails on every read at this output size (4-channel frames at width 48):
+    the reader says decord until the read, then pyav, and the frames are PyAV's."""
+    path = tmp_path / "wide.mp4"
+    subprocess.run([FFMPEG, "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25", "-t", "2", "-c:v",
+                    "libx264", "-pix_fmt", "yuv420p", str(path)], check=True)
+    info, index = probe(str(path))
+    size = decode_size(info, 32)
+    assert size == (48, 32)
+    reader = open_video(str(path), info, index, size, backend="decord", requested="auto")
+    assert reader.name == "decord"
+    wanted = np.arange(0, len(index.pts), 2)
+    frames = reader.read(wanted)
+    assert reader.name == "pyav" and frames.shape == (len(wanted), 32, 48, 3)
+    assert np.array_equal(frames, PyAVReader(str(path), info, index, size).read(wanted))
+    assert np.array_equal(reader.served_pts, index.pts[wanted])
+
+
+@needs_ffmpeg
+def test_damage_mid_file_is_read_by_decord_before_it_and_pyav_from_it_on(camera_h264, tmp_path):
+    """One packet of the second GOP with a broken NAL length (hand-made damage): Decord serves the chunks before
+    it; at the damage PyAV takes over, tries it too and names its own reason; the next GOP is PyAV's, exact."""
+    positions = _packet_positions(camera_h264)
+    data = bytearray(camera_h264.read_bytes())
+    data[positions[90]:positions[90] + 4] = b"\xff\xff\xff\xff"  # the 91st packet in decoding order
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    info, index = probe(str(damaged))
+    reference = _ffmpeg_all(camera_h264, (160, 120))  # of the intact file
+    reader = open_video(str(damaged), info, index, (160, 120), backend="decord", requested="auto")
+    for first, last in ((0, 10), (40, 50)):
+        frames = reader.read(np.arange(first, last))
+        assert reader.name == "decord" and _exact(frames, reference[first:last])
+    with pytest.raises(DecodeError) as failure:
+        reader.read(np.arange(50, 100))
+    assert failure.value.error_type == "corrupt" and reader.name == "pyav"  # PyAV's reason: it tried too
+    later = np.arange(100, 150)
+    frames = reader.read(later)
+    assert reader.name == "pyav" and _exact(frames, reference[100:150])
+    assert np.array_equal(frames, PyAVReader(str(damaged), info, index, (160, 120)).read(later))
+    reader.close()
 
 
 def test_sampling_strategies(h264, tmp_path, spec_of):
