@@ -3,12 +3,21 @@ check_spec checks the filesystem and lists the inputs once."""
 
 from __future__ import annotations
 
+import builtins
+import dataclasses
+import os
+import shutil
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.config import ConfigError, check_spec, load_spec, parse_spec
+from encoders.models import resolve_dtype
+from jobs.cli import main
+from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec, parse_spec, resolved
+from temporal.checkpoint import HeadShape, save_checkpoint
 
 
 @pytest.fixture
@@ -119,8 +128,6 @@ def test_missing_files_are_named(files):
 
 def test_parsing_never_touches_the_filesystem(files, monkeypatch):
     """Paths are data until check_spec: no stat, no listing, no open (an S3 prefix is not listed while parsing)."""
-    import builtins
-    import os
 
     text = _yaml(files, "temporal: {pooling: attention, checkpoint: head}\ntower: {levels: [1, 2], fusion: attention}\n"
                         "input: {manifest: list.txt}\ntrain: {manifest: m.jsonl}\n").replace(
@@ -158,8 +165,6 @@ def test_required_sections(files):
 
 
 def test_input_is_required_except_by_a_training_config(files, tmp_path, capsys):
-    from jobs.cli import main
-
     no_input = _yaml(files).replace(f"input:\n  paths: [{files['videos']}]\n", "")
     assert _checked(no_input, "validate") == ["pipeline.yaml input.paths: required: video files, directories, "
                                               "globs or URIs (or input.manifest)"]
@@ -212,8 +217,6 @@ def test_load_spec_reports_the_file_name(tmp_path, files):
 
 def test_a_local_model_retrained_in_place_changes_the_config_hash(files, tmp_path):
     """Same path, new weights: a resumed run must not take the old model's segments as done."""
-    import shutil
-
     model = shutil.copytree(files["model"], tmp_path / "model")
     text = _yaml({**files, "model": model})
     before = parse_spec(text).config_hash()
@@ -263,10 +266,6 @@ def test_inputs_from_a_uri_list_and_from_filesystem_uris(files, archive, tmp_pat
 
 def test_an_attention_fusion_needs_a_head_trained_with_it(files, tmp_path):
     """`tower.fusion: attention` is trained with the head: its checkpoint must hold a fusion for these views."""
-    import torch
-
-    from temporal.checkpoint import HeadShape, save_checkpoint
-
     head = tmp_path / "head"
     save_checkpoint(head, HeadShape(dim=16).build(), HeadShape(dim=16), torch.tensor(2.0), epoch=1, settings={})
     text = _yaml(files, f"""\
@@ -311,11 +310,6 @@ def test_config_hash_is_made_of_the_fields_that_change_a_row(files):
 
 def test_the_fields_left_out_of_the_hash_are_the_ones_decided():
     """A new field changes rows (and is hashed) unless it says otherwise; these say so."""
-    import dataclasses
-    import typing
-
-    from pipeline.config import PipelineSpec
-
     hints, out = typing.get_type_hints(PipelineSpec), []
     for top in dataclasses.fields(PipelineSpec):
         if not top.metadata.get("output", True):
@@ -330,11 +324,6 @@ def test_the_fields_left_out_of_the_hash_are_the_ones_decided():
 
 def test_dtype_auto_is_resolved_once_and_hashed_as_resolved(files):
     """A mixed cluster must not write bf16 and fp32 embeddings under one hash: the driver resolves auto."""
-    import torch
-
-    from encoders.models import resolve_dtype
-    from pipeline.config import resolved
-
     cpu = parse_spec(_yaml(files))
     here = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype("auto", torch.device("cpu"))]
     assert cpu.model.dtype == "auto" and resolved(cpu).model.dtype == here
@@ -350,7 +339,6 @@ def test_dtype_auto_is_resolved_once_and_hashed_as_resolved(files):
 
 
 def test_locations_travel_with_the_spec(files):
-    import dataclasses
 
     spec = parse_spec(_yaml(files), source="p.yaml")
     assert spec.locations[("tags", "vocabulary")] == "p.yaml:6"

@@ -7,9 +7,11 @@ import signal
 import subprocess
 import threading
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.config import parse_spec
 from pipeline.decode import (
@@ -22,6 +24,7 @@ from pipeline.decode import (
     open_video,
     probe,
 )
+from pipeline.sources import local_path, stat
 from pipeline.stages import DecodeStage, decode_rows
 from pipeline.synth import Clip, render, write_video
 from tests.conftest import write_audio_only
@@ -263,8 +266,6 @@ def test_bad_input_becomes_one_error_row(tmp_path, spec_of, name):
 
 
 def test_audio_only_and_still_image_files(tmp_path, spec_of):
-    from PIL import Image
-
     audio = write_audio_only(tmp_path / "audio.m4a")
     image = tmp_path / "photo.jpg"
     Image.fromarray(render(Clip("red", "circle", "growing"))[0]).save(image)
@@ -357,8 +358,6 @@ def test_decode_worker_memory_stays_flat_over_500_videos(tmp_path, spec_of):
 
 def test_long_videos_are_decoded_a_chunk_at_a_time(tmp_path, spec_of):
     """Rows stream out as chunks decode: the memory held is set by decode.chunk_segments, not the video length."""
-    import tracemalloc
-
     def peak(seconds: float) -> tuple[int, int]:
         clip = Clip("red", "circle", "moving left", width=160, height=96, duration_s=seconds, fps=10)
         path = write_video(tmp_path / f"long{seconds}.mp4", render(clip), fps=10)
@@ -379,8 +378,6 @@ def test_long_videos_are_decoded_a_chunk_at_a_time(tmp_path, spec_of):
 
 def test_a_filesystem_uri_is_decoded_like_a_path(h264, spec_of):
     """Decoding goes through pyarrow.fs for URIs (file:// here; s3:// and others take the same path)."""
-    from pipeline.sources import local_path, stat
-
     uri = f"file://{h264[0]}"
     rows = list(decode_rows(uri, spec_of(), 32))
     assert rows[-1]["error_type"] == "" and rows[-1]["n_segments"] == 3 and rows[0]["uri"] == uri
