@@ -9,7 +9,7 @@ import os
 import sys
 
 from encoders import ModelLoadError, VocabularyError
-from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec
+from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec, resolved
 from pipeline.manifest import ManifestError
 from pipeline.synth import SPLITS, sample_clips, write_clips
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("train", "eval"):
             return _train_or_eval(args.command, spec)
+        spec = resolved(spec)  # dtype: auto decided once, here, for every encoder worker (and the hash)
         code = _run(spec)
         if code == 0 and args.command == "index":
             index = build_index(spec.output.dir, spec.config_hash())
