@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # models.py registers its entry points here, so it imports this module
+    from .models import ImageTextEncoder
 
 _ENCODERS: dict[str, Callable] = {}
 
@@ -19,7 +22,7 @@ def list_encoders() -> list[str]:
     return sorted(_ENCODERS)
 
 
-def create_encoder(name: str, **kwargs):
+def create_encoder(name: str, **kwargs: Any) -> ImageTextEncoder:
     """Build the registered encoder ``name`` (a family such as ``clip``, or a ``tiny_*`` test variant)."""
     try:
         entry = _ENCODERS[name]

@@ -44,7 +44,7 @@ def _words(words: tuple[str, ...]) -> tuple[str, ...]:
 
 def build_tiny_clip(*, seed: int = 0, words: tuple[str, ...] = (), image_size: int = 32, width: int = 32,
                     layers: int = 2, embed_dim: int = 16, patch_size: int | None = None, heads: int = 2,
-                    mlp_ratio: int = 2, text_layers: int | None = None, squash: bool = False):
+                    mlp_ratio: int = 2, text_layers: int | None = None, squash: bool = False) -> tuple:
     """Random CLIPModel + CLIPTokenizer + CLIPImageProcessor; ``words`` get whole-word tokens. ``squash``: the
     processor resizes whole frames to the square input (no centre crop), as the demo model does."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -66,7 +66,8 @@ def build_tiny_clip(*, seed: int = 0, words: tuple[str, ...] = (), image_size: i
     return model, tokenizer, processor
 
 
-def build_tiny_align(*, seed: int = 0, words: tuple[str, ...] = (), image_size: int = 32, embed_dim: int = 32):
+def build_tiny_align(*, seed: int = 0, words: tuple[str, ...] = (), image_size: int = 32,
+                     embed_dim: int = 32) -> tuple:
     """Random AlignModel (EfficientNet + BERT) + BertTokenizer + EfficientNetImageProcessor."""
     from transformers import AlignConfig, AlignModel, BertTokenizer, EfficientNetImageProcessor
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._registry import register_encoder
+from ._tiny import build_tiny_align, build_tiny_clip
 from .preprocess import PreprocessCfg, normalise
 
 
@@ -194,8 +195,6 @@ def align(*, pretrained: str = "kakaobrain/align-base", **kwargs) -> AlignEncode
 @register_encoder
 def tiny_clip(*, seed: int = 0, words: tuple[str, ...] = ()) -> ClipEncoder:
     """A random CLIP with a 4-layer-wide config and its own vocabulary; builds in milliseconds (tests)."""
-    from ._tiny import build_tiny_clip
-
     model, tokenizer, processor = build_tiny_clip(seed=seed, words=words)
     return ClipEncoder(model, tokenizer, processor.to_dict(), name="tiny_clip")
 
@@ -203,8 +202,6 @@ def tiny_clip(*, seed: int = 0, words: tuple[str, ...] = ()) -> ClipEncoder:
 @register_encoder
 def tiny_align(*, seed: int = 0, words: tuple[str, ...] = ()) -> AlignEncoder:
     """A random ALIGN (EfficientNet + BERT) small enough for tests."""
-    from ._tiny import build_tiny_align
-
     model, tokenizer, processor = build_tiny_align(seed=seed, words=words)
     return AlignEncoder(model, tokenizer, processor.to_dict(), name="tiny_align")
 

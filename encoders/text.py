@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .models import ImageTextEncoder
+
 
 class VocabularyError(ValueError):
     """A label file problem; the message names the file and line."""
@@ -83,7 +85,7 @@ def _load_yaml(path: Path) -> Vocabulary:
 _CACHE: "weakref.WeakKeyDictionary[object, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
-def label_embeddings(encoder, vocab: Vocabulary, templates: tuple[str, ...]) -> torch.Tensor:
+def label_embeddings(encoder: ImageTextEncoder, vocab: Vocabulary, templates: tuple[str, ...]) -> torch.Tensor:
     """``[L, D]``: per label, the mean of the L2-normalised embeddings of every (template, phrasing) pair,
     renormalised; cached per encoder object by (templates, vocabulary), so an actor embeds its vocabulary once
     and a model loaded again (retrained in place, another dtype) never sees another model's embeddings."""

@@ -42,6 +42,9 @@ def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[
     """``(key, message)`` for every rule about the model that ``spec`` breaks (reads the head's ``head.json``).
     ``training``: ``reeltag train`` trains the fusion and head, so it needs no checkpoint for them."""
     tower, temporal = spec.tower, spec.temporal
+    if training and spec.train.backbone != "frozen" and tower.levels != (1,):
+        return [("tower.levels", f"train.backbone: {spec.train.backbone} trains on the whole frame only: set "
+                                 "tower.levels: [1] (tiles and their fusion train with train.backbone: frozen)")]
     if temporal.checkpoint is not None:
         if not has_head(temporal.checkpoint):
             return [("temporal.checkpoint", f"no head.safetensors in {temporal.checkpoint}")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from types import ModuleType
+from typing import Iterator
 
 from pipeline.config import RaySpec
 
@@ -14,7 +16,7 @@ class RayStartError(RuntimeError):
 
 
 @contextmanager
-def ray_session(spec: RaySpec):
+def ray_session(spec: RaySpec) -> Iterator[ModuleType]:
     """Connect (or start), quiet Ray's own output unless ``ray.verbose``, and shut down on exit."""
     import ray
 

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline._isolate import IsolatedDecoder
+from pipeline.decode import decode_size, open_reader, probe
+from pipeline.sources import local_path
 from pipeline.writer import latest_config, read_table
 
 TIMELINE_LABELS = 8  # labels (rows) of a video's timeline: those with the highest summed score
@@ -101,9 +104,6 @@ def _thumbnail_rows(uri: str, times_s: list[float], short_side: int):
 def _thumbnails(uri: str, times_s: list[float], short_side: int) -> list[tuple[bytes, int, int]]:
     """(JPEG bytes, width, height) of the frame nearest each time (seconds from the first frame), decoded exactly
     with PyAV at ``short_side`` pixels."""
-    from pipeline.decode import decode_size, open_reader, probe
-    from pipeline.sources import local_path
-
     with local_path(uri) as path:
         info, index = probe(path)
         nearest = _nearest(index.times_s, np.asarray(times_s))  # [S] frame indices
@@ -166,7 +166,6 @@ th, td { border: 1px solid #d0d7de; padding: 2px 6px; text-align: left; vertical
 
 
 def _page(run: _Run, thumb_px: int) -> str:
-    from pipeline._isolate import IsolatedDecoder
 
     body = [_header(run)]
     decoder = IsolatedDecoder(_thumbnail_rows, timeout_s=DECODE_TIMEOUT_S, recycle_after=100)

@@ -9,10 +9,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from pipeline.config import PipelineSpec
+from pipeline.config import PipelineSpec, check_spec, resolved
 from pipeline.decode import video_id
 from pipeline.sources import stat
 from pipeline.stages import DecodeStage, EncodeStage
@@ -39,10 +40,10 @@ def check_output_dir(path: str) -> Path:
     return out
 
 
-def _decode_on_ray(stage: DecodeStage):
+def _decode_on_ray(stage: DecodeStage) -> Callable[[dict], Iterator[dict]]:
     """The decode stage as a Ray Data flat_map function that also records the node each video was decoded on."""
 
-    def decode(item: dict):
+    def decode(item: dict) -> Iterator[dict]:
         import ray
 
         node = ray.get_runtime_context().get_node_id()
@@ -102,12 +103,14 @@ def _fmt_s(s: float) -> str:
     return "--" if s != s else f"{int(s) // 60}m{int(s) % 60:02d}s" if s >= 60 else f"{s:.0f}s"
 
 
-def run_pipeline(spec: PipelineSpec) -> dict:
-    """Run the pipeline over every input video not already finished in ``output.dir``; return run.json's data."""
+def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
+    """Run the pipeline over every input video not already finished in ``output.dir``; return run.json's data.
+    Raises ConfigError (on the driver, before anything starts) for a spec that :func:`check_spec` refuses."""
     started = time.time()
+    videos = check_spec(spec, command=command)
+    spec = resolved(spec)  # model.dtype: auto decided once, here: every worker computes what the hash says
     out = check_output_dir(spec.output.dir)
     config_hash, model = spec.config_hash(), spec.model_id()
-    videos = spec.videos()
     prints = {uri: fingerprint(uri) for uri in videos}
     save_config(out, spec, config_hash)
     writer = OutputWriter(out, config_hash=config_hash, model=model, shard_rows=spec.output.shard_rows,

@@ -32,6 +32,7 @@ from temporal.pooling import AttentionPooling
 from temporal.train import ClipEmbeddings, ClipPixels, HeadTask, ModelTask, embed_clips, fit
 
 Log = Callable[[dict], None]
+Cached = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # values [N,T,...], times [N,T], which clips decoded [N]
 
 
 class TrainError(RuntimeError):
@@ -77,7 +78,7 @@ def _decode_clips(spec: PipelineSpec, clips: list[LabelledClip], kind: str, shor
 
 def _per_clip(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int,
               transform: Callable[[torch.Tensor], torch.Tensor], *, detail: str = "",
-              log: Log) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              log: Log) -> Cached:
     """:func:`_decode_clips` cached on disk under ``output.dir/cache``: values, times, which clips decoded."""
     path = Path(spec.output.dir) / "cache" / f"{kind}-{_cache_key(spec, clips, kind, short_side, detail)}.safetensors"
     if path.exists():
@@ -91,7 +92,8 @@ def _per_clip(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_si
     return cached[kind], cached["times"], cached["ok"].bool()
 
 
-def frame_embeddings(spec: PipelineSpec, model: VideoTextModel, clips: list[LabelledClip], *, log: Log):
+def frame_embeddings(spec: PipelineSpec, model: VideoTextModel, clips: list[LabelledClip], *,
+                     log: Log) -> Cached:
     """``[N,T,D]`` fused frame embeddings (float32), times ``[N,T]``, and which clips decoded; cached. With
     ``tower.fusion: attention`` (trained with the head) every view instead: ``[N,T,V,D]``, the whole frame first,
     for all frames whatever ``tower.fine_frames`` says (the fusion treats each frame on its own)."""
@@ -104,7 +106,7 @@ def frame_embeddings(spec: PipelineSpec, model: VideoTextModel, clips: list[Labe
     return _per_clip(spec, clips, "frames", side, lambda x: model.tower(x).fused.float(), log=log)
 
 
-def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg: PreprocessCfg, *, log: Log):
+def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg: PreprocessCfg, *, log: Log) -> Cached:
     """``[N,T,3,R,R]`` uint8: each sampled frame as the backbone sees it (the checkpoint's resize and crop, before
     normalisation), times ``[N,T]``, and which clips decoded; cached. What end-to-end training reads."""
     return _per_clip(spec, clips, "pixels", cfg.level1_side, lambda x: resize_crop(x, cfg).to(torch.uint8),
@@ -118,7 +120,8 @@ def _texts(spec: PipelineSpec, clips: list[LabelledClip]) -> tuple[list[str], to
     return texts, torch.tensor([index[c.text] for c in clips]), {c.text: c.is_label for c in clips}
 
 
-def text_embeddings(spec: PipelineSpec, model: VideoTextModel, texts: list[str], is_label: dict[str, bool]):
+def text_embeddings(spec: PipelineSpec, model: VideoTextModel, texts: list[str],
+                    is_label: dict[str, bool]) -> torch.Tensor:
     """``[Q,D]``: labels prompt-ensembled with ``tags.prompts``, captions as written."""
     return torch.stack([model.embed_labels(Vocabulary((t,)), spec.tags.prompts)[0] if is_label[t]
                         else model.embed_texts([t])[0] for t in texts]).float()

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from temporal.localize import multiscale_windows
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -64,8 +66,6 @@ def plan_spans(end_s: float, *, mode: str, window_s: float, stride_s: float, min
     if mode == "whole":
         return [(0.0, end_s)]
     if mode == "window" and scales_s:
-        from temporal.localize import multiscale_windows
-
         return [(a, b) for a, b, _ in multiscale_windows(end_s, tuple(scales_s))]
     if mode == "window":
         return plan_windows(0.0, end_s, window_s=window_s, stride_s=stride_s, min_segment_s=min_segment_s)
@@ -94,7 +94,8 @@ def sample_fps(frame_times_s: np.ndarray, start_s: float, end_s: float, target_f
     return _on_screen(frame_times_s, start_s + (np.arange(n) + 0.5) / target_fps)
 
 
-def sample_tsn(frame_times_s: np.ndarray, start_s: float, end_s: float, frames: int, rng: np.random.Generator):
+def sample_tsn(frame_times_s: np.ndarray, start_s: float, end_s: float, frames: int,
+               rng: np.random.Generator) -> np.ndarray:
     """TSN: one random time in each of ``frames`` equal chunks (training-time augmentation)."""
     return _on_screen(frame_times_s, start_s + (np.arange(frames) + rng.random(frames)) * (end_s - start_s) / frames)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -113,8 +114,12 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 25.0, code
     return path
 
 
-def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS, frame_sizes=((96, 64), (80, 80), (64, 96)),
-                 fps=(24.0, 30.0), duration_s=(2.0, 4.0), size=(0.2, 0.4), noise=(0.0, 25.0)) -> list[Clip]:
+Range = tuple[float, float]  # (low, high) of a drawn factor
+
+
+def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS,
+                 frame_sizes: tuple[tuple[int, int], ...] = ((96, 64), (80, 80), (64, 96)), fps: Range = (24.0, 30.0),
+                 duration_s: Range = (2.0, 4.0), size: Range = (0.2, 0.4), noise: Range = (0.0, 25.0)) -> list[Clip]:
     """``n`` clips, deterministic by ``seed``: motions cycle (balanced classes), every other factor is drawn."""
     rng = np.random.default_rng(seed)
     clips = []
@@ -138,7 +143,7 @@ def _write_clip(path: Path, clip: Clip) -> str:
     return str(write_video(path, render(clip), fps=clip.fps, options={"crf": clip.crf, "preset": "veryfast"}).resolve())
 
 
-def write_clips(directory: str | Path, clips: list[Clip], *, caption=lambda clip: clip.caption,
+def write_clips(directory: str | Path, clips: list[Clip], *, caption: Callable[[Clip], str] = lambda clip: clip.caption,
                 workers: int = 1) -> Path:
     """Write each clip as ``NNNN.mp4`` plus ``labels.jsonl`` (uri, start_s, end_s, caption and the factors);
     ``workers`` processes render and encode in parallel (the files are the same either way)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def retrieval(video: np.ndarray, text: np.ndarray, relevant: np.ndarray, ks=(1, 5, 10)) -> dict:
+def retrieval(video: np.ndarray, text: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict:
     """``video [N,D]``, ``text [Q,D]`` (normalised), ``relevant [Q,N]`` bool -> R@K and median rank of the
     first relevant clip per query (ranks from 1)."""
     order = np.argsort(-(text @ video.T), axis=1, kind="stable")  # [Q, N]

@@ -39,6 +39,19 @@ from .pooling import AttentionPooling, mean_pool
 if TYPE_CHECKING:  # the hyperparameters are defined once, in the config schema
     from pipeline.config import TrainSpec
 
+class ImageEncoder(Protocol):
+    """What training needs of an image-text encoder (``encoders.models.ImageTextEncoder`` is one)."""
+
+    model: torch.nn.Module  # the transformers model, with a ``logit_scale`` parameter
+    preprocess_cfg: object  # the checkpoint's preprocessing (``resolution``: the input side)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def embed_texts(self, texts: list[str]) -> torch.Tensor: ...
+    def save_pretrained(self, directory: Path) -> None: ...
+
+
 MAX_TEXT_BANK = 1024  # contrast with all distinct texts up to this many, else with each batch's own texts
 
 
@@ -76,7 +89,7 @@ class ClipPixels:
     def subset(self, index: torch.Tensor) -> ClipPixels:
         return ClipPixels(self.pixels[index], self.times_s[index], self.mask[index], self.groups[index])
 
-    def frame_embeddings(self, encoder, batch_size: int = 64) -> torch.Tensor:
+    def frame_embeddings(self, encoder: ImageEncoder, batch_size: int = 64) -> torch.Tensor:
         """``[N, T, D]`` L2-normalised frame embeddings under ``encoder`` as it is now."""
         flat = rearrange(self.pixels, "n t c h w -> (n t) c h w")
         with torch.inference_mode():
@@ -183,7 +196,8 @@ class ModelTask:
 
     schedule = True
 
-    def __init__(self, encoder, data: ClipPixels, texts: list[str], shape: HeadShape, settings: TrainSpec):
+    def __init__(self, encoder: ImageEncoder, data: ClipPixels, texts: list[str], shape: HeadShape,
+                 settings: TrainSpec):
         self.encoder, self.data, self.texts, self.shape, self.settings = encoder, data, texts, shape, settings
         self.head = shape.build()
         self.clips = len(data.pixels)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.demo import MODEL, caption_embeddings, demo_spec, score_rows, score_run, truth_of
 from encoders.video_text import decode_short_side
+from jobs.demo import MODEL, caption_embeddings, demo_spec, score_rows, score_run, truth_of
 from jobs.run import run_pipeline
 from pipeline.stages import run_sequential
 from pipeline.synth import SPLITS, sample_clips, write_clips

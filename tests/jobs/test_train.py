@@ -14,7 +14,7 @@ import torch
 
 from encoders._tiny import save_tiny
 from encoders.video_text import decode_short_side
-from pipeline.config import parse_spec
+from pipeline.config import check_spec, parse_spec
 from pipeline.stages import run_sequential
 from pipeline.synth import sample_clips, write_clips
 from temporal import mean_pool
@@ -185,5 +185,5 @@ def test_reeltag_train_trains_the_tower_fusion_with_the_head(motion_set, tmp_pat
     refused = reeltag("run", config, *sets)  # no temporal.checkpoint
     assert refused.returncode == 2 and "tower.fusion: attention" in refused.stderr, refused.stderr
     with pytest.raises(ConfigError, match=r"tower.fusion.*levels \[1, 2\]"):  # trained on other views
-        parse_spec(config.read_text(), overrides=["tower.levels=[1,3]", "tower.fusion=attention",
-                                                  f"temporal.checkpoint={head}"])
+        check_spec(parse_spec(config.read_text(), overrides=["tower.levels=[1,3]", "tower.fusion=attention",
+                                                             f"temporal.checkpoint={head}"]))

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.demo import DEMO_CLIPS, MODEL, demo_spec
 from encoders.video_text import decode_short_side
+from jobs.demo import DEMO_CLIPS, MODEL, demo_spec
 from pipeline.stages import DecodeStage, EncodeStage
 from pipeline.synth import write_clips
 
