@@ -9,13 +9,14 @@ import os
 import sys
 
 from encoders import ModelLoadError, VocabularyError
-from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec, resolved
+from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec
 from pipeline.manifest import ManifestError
 from pipeline.synth import SPLITS, sample_clips, write_clips
 
 from ._ray import RayStartError
+from .demo import run_demo
 from .report import ReportError, write_report
-from .run import JobError, run_pipeline
+from .run import JobError, format_summary, run_pipeline
 from .search import SearchError, build_index, format_results, search
 from .train import TrainError, format_metrics, run_eval, run_train
 
@@ -67,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo  # lazy: jobs/demo.py imports format_summary from here (a cycle)
-
             return run_demo(args.dir)
         if args.command == "search":
             return _search(args)
@@ -89,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("train", "eval"):
             return _train_or_eval(args.command, spec)
-        spec = resolved(spec)  # dtype: auto decided once, here, for every encoder worker (and the hash)
         code = _run(spec)
         if code == 0 and args.command == "index":
             index = build_index(spec.output.dir, spec.config_hash())
@@ -162,19 +160,6 @@ def _train_or_eval(command: str, spec: PipelineSpec) -> int:
         print(f"reeltag eval ({result['pooling']} pooling):\n" + format_metrics(result) +
               f"\n  written to {spec.output.dir}/eval.json")
     return 0
-
-
-def format_summary(s: dict) -> str:
-    failed = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_type"].items()))
-    lines = [
-        f"reeltag run: {s['videos_total']} videos: {s['videos_ok']} ok, {s['videos_failed']} failed"
-        + (f" ({failed})" if failed else "") + (f", {s['videos_skipped']} already done" if s["videos_skipped"] else ""),
-        f"  {s['segments']} segments in {s['wall_s']:.1f} s ({s['segments_per_s']:.2f} segments/s), "
-        f"model {s['model']}, config {s['config_hash']}",
-        f"  outputs: {s['outputs']['segments']}/*.parquet, {s['outputs']['errors']}/*.parquet, "
-        f"{s['outputs']['segments'].rsplit('/', 1)[0]}/run.json",
-    ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
