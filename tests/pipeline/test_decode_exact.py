@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline.decode import DECORD_EXACT_CODECS, DecordReader, PyAVReader, choose_backend, probe
+from pipeline.decode import DECORD_EXACT_CODECS, DecordReader, PyAVReader, choose_backend, open_video, probe
 from pipeline.synth import write_video
 
 FFMPEG = shutil.which("ffmpeg")
@@ -112,6 +112,15 @@ def test_decord_exactness_is_what_we_measured(encoded):
     assert choose_backend(info, "auto", exact=True) == ("decord" if info.codec in DECORD_EXACT_CODECS else "pyav")
     assert choose_backend(info, "auto", exact=True, needed_fraction=0.05) == "pyav"  # sparse: PyAV is faster
     assert choose_backend(info, "auto", exact=False) == "pyav"
+
+
+def test_auto_through_the_one_opener_is_exact_on_every_codec(encoded):
+    """What the pipeline reads: open_video with the backend auto chooses; an intact file needs no fallback."""
+    name, path, info, index, indices, reference, _ = encoded
+    backend = choose_backend(info, "auto", exact=True)
+    with open_video(str(path), info, index, (info.width, info.height), backend=backend, requested="auto") as reader:
+        assert _wrong(reader.read(np.array(indices)), reference, indices) == [], name
+        assert reader.name == backend
 
 
 @pytest.mark.parametrize("name", ["bigbuckbunny", "bikes"])
