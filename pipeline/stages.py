@@ -19,7 +19,7 @@ from .decode import (
     choose_backend,
     decode_size,
     low_res_histograms,
-    open_reader,
+    open_video,
     probe,
     video_id,
 )
@@ -78,20 +78,14 @@ def _segment_rows(uri: str, path: str, vid: str, spec: PipelineSpec, short_side:
     size = decode_size(info, short_side)
     needed = len(np.unique(np.concatenate([s.frame_indices for s in plan]))) / len(index.pts)
     backend = choose_backend(info, dec.backend, dec.exact, needed)
-    reader = _open(backend, path, info, index, size, dec)
+    reader = open_video(path, info, index, size, backend=backend, requested=dec.backend, threads=dec.threads,
+                        exact=dec.exact)
     count = 0
     try:
         for first in range(0, len(plan), dec.chunk_segments):
             group = plan[first:first + dec.chunk_segments]
             needed = np.unique(np.concatenate([s.frame_indices for s in group]))
-            try:
-                frames = reader.read(needed)
-            except DecodeError:
-                if reader.name != "decord" or dec.backend != "auto":
-                    raise
-                reader.close()  # Decord failed mid-file: PyAV takes over from this chunk on
-                reader = _open("pyav", path, info, index, size, dec)
-                frames = reader.read(needed)
+            frames = reader.read(needed)
             times = (reader.served_pts - index.pts[0]) * index.time_base  # true times, also when inexact
             for s in group:
                 at = np.searchsorted(needed, s.frame_indices)
@@ -103,16 +97,6 @@ def _segment_rows(uri: str, path: str, vid: str, spec: PipelineSpec, short_side:
     if info.duration_s and index.end_s < info.duration_s - max(1.0, 0.05 * info.duration_s):
         raise DecodeError("truncated", f"the file holds {index.end_s:.1f} s of the {info.duration_s:.1f} s its "
                                        f"header declares (truncated); kept {count} segments")
-
-
-def _open(backend: str, uri: str, info, index, size, dec):
-    """Open ``backend``; when ``auto`` picked Decord and it cannot open the file, PyAV."""
-    try:
-        return open_reader(backend, uri, info, index, size, threads=dec.threads, exact=dec.exact)
-    except DecodeError:
-        if backend != "decord" or dec.backend != "auto":
-            raise
-        return open_reader("pyav", uri, info, index, size, threads=dec.threads, exact=dec.exact)
 
 
 _DECODERS: dict[tuple, IsolatedDecoder] = {}
