@@ -119,11 +119,12 @@ def main() -> None:
     t_decode = time.perf_counter() - started
     encode = EncodeStage(spec)
     encode.setup()
-    batch = {k: np.array([r[k] for r in rows[:4]] + [None], dtype=object)[:-1] for k in rows[0]}
+    size = encode.batch_size  # segments per call, as run.py hands them to the stage
+    batch = {k: np.array([r[k] for r in rows[:size]] + [None], dtype=object)[:-1] for k in rows[0]}
     encode(batch)  # warm-up
     started = time.perf_counter()
-    for first in range(0, len(rows), 4):
-        part = rows[first:first + 4]
+    for first in range(0, len(rows), size):
+        part = rows[first:first + size]
         encode({k: np.array([r[k] for r in part] + [None], dtype=object)[:-1] for k in part[0]})
     t_encode = time.perf_counter() - started
     n = len(rows)
