@@ -82,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.clips} {args.split} clips and {labels}")
             return 0
         spec = load_spec(args.config, args.overrides)
-        videos = check_spec(spec, command=args.command)
         if args.command == "validate":
-            print(summary_line(spec, videos))
+            print(summary_line(spec, check_spec(spec, command="validate")))
             return 0
         if args.command in ("train", "eval"):
+            check_spec(spec, command=args.command)
             return _train_or_eval(args.command, spec)
-        code = _run(spec)
+        code = _run(spec, args.command)  # run_pipeline checks the spec itself (so the inputs are listed once)
         if code == 0 and args.command == "index":
             index = build_index(spec.output.dir, spec.config_hash())
             print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(spec: PipelineSpec) -> int:
+def _run(spec: PipelineSpec, command: str) -> int:
     try:
-        summary = run_pipeline(spec)
+        summary = run_pipeline(spec, command=command)
     except VocabularyError as e:
         print(f"reeltag: invalid pipeline definition:\ntags.vocabulary: {e}", file=sys.stderr)
         return 2
