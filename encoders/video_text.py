@@ -32,10 +32,15 @@ if TYPE_CHECKING:  # the schema is data the factory reads; encoders never import
 IMAGES_PER_CALL = {"cpu": 16, "cuda": 256}  # model.batch_size: null -> images per backbone call on each device
 
 
+def worker_device(model: ModelSpec, ray: RaySpec) -> str:
+    """``cuda`` or ``cpu``: the device the pipeline's encoder workers get (``model.device``; ``auto``: a GPU when
+    Ray gives each encoder actor one: without, Ray hides the node's GPUs from the actor)."""
+    return "cuda" if model.device == "cuda" or (model.device == "auto" and ray.gpus_per_actor > 0) else "cpu"
+
+
 def images_per_call(model: ModelSpec, ray: RaySpec) -> int:
     """Images per backbone call: ``model.batch_size``, or the default of the device the encoder workers get."""
-    gpu = model.device == "cuda" or (model.device == "auto" and ray.gpus_per_actor > 0)
-    return model.batch_size or IMAGES_PER_CALL["cuda" if gpu else "cpu"]
+    return model.batch_size or IMAGES_PER_CALL[worker_device(model, ray)]
 
 
 def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[str, str]]:

@@ -7,18 +7,21 @@ import argparse
 import json
 import os
 import sys
+from typing import Callable, TypeVar
 
 from encoders import ModelLoadError, VocabularyError
-from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec
+from pipeline.config import ConfigError, PipelineSpec, load_spec
 from pipeline.manifest import ManifestError
 from pipeline.synth import SPLITS, sample_clips, write_clips
+from pipeline.validate import check_spec, config_hash
 
-from ._ray import RayStartError
 from .demo import run_demo
 from .report import ReportError, write_report
-from .run import JobError, format_summary, run_pipeline
+from .run import JobError, RayStartError, format_summary, run_pipeline
 from .search import SearchError, build_index, format_results, search
 from .train import TrainError, format_metrics, run_eval, run_train
+
+T = TypeVar("T")
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -61,7 +64,7 @@ def summary_line(spec: PipelineSpec, videos: list[str]) -> str:
     return (f"ok: {len(videos)} videos, {spec.segments.mode} segments"
             f"{f' of {spec.segments.window_s:g} s' if spec.segments.mode == 'window' else ''}, "
             f"{spec.sampling.frames} frames each, {spec.model_id()}, tower levels {list(spec.tower.levels)}, "
-            f"{spec.temporal.pooling} pooling, {vocab} -> {spec.output.dir} (config {spec.config_hash()})")
+            f"{spec.temporal.pooling} pooling, {vocab} -> {spec.output.dir} (config {config_hash(spec)})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             return _train_or_eval(args.command, spec)
         code = _run(spec, args.command)  # run_pipeline checks the spec itself (so the inputs are listed once)
         if code == 0 and args.command == "index":
-            index = build_index(spec.output.dir, spec.config_hash())
+            index = build_index(spec.output.dir, config_hash(spec))
             print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
                   f"{spec.output.dir}/index/{index.config_hash}")
         return code
@@ -99,54 +102,55 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+Handled = list[tuple[tuple[type[Exception], ...], int, str]]  # (error kinds, exit code, message prefix)
+
+
+def _guarded(action: Callable[[], T], errors: Handled) -> tuple[int, T | None]:
+    """``(0, action())``, or for the first ``(kinds, code, prefix)`` the raised error is one of: one line on stderr,
+    ``prefix`` then the error, and ``(code, None)``: 2 for a user mistake, 1 for a job that could not run."""
+    try:
+        return 0, action()
+    except Exception as e:
+        for kinds, code, prefix in errors:
+            if isinstance(e, kinds):
+                print(f"{prefix}{e}", file=sys.stderr)
+                return code, None
+        raise
+
+
 def _run(spec: PipelineSpec, command: str) -> int:
-    try:
-        summary = run_pipeline(spec, command=command)
-    except VocabularyError as e:
-        print(f"reeltag: invalid pipeline definition:\ntags.vocabulary: {e}", file=sys.stderr)
-        return 2
-    except (JobError, ModelLoadError, RayStartError) as e:
-        print(f"reeltag: the job could not run: {e}", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    return 0
+    code, summary = _guarded(lambda: run_pipeline(spec, command=command), [
+        ((VocabularyError,), 2, "reeltag: invalid pipeline definition:\ntags.vocabulary: "),
+        ((JobError, ModelLoadError, RayStartError), 1, "reeltag: the job could not run: ")])
+    if summary is not None:
+        print(format_summary(summary))
+    return code
 
 
-def _search(args) -> int:
-    try:
-        results = search(args.output_dir, args.query, top_k=args.top_k)
-    except SearchError as e:
-        print(f"reeltag search: {e}", file=sys.stderr)
-        return 2
-    except ModelLoadError as e:
-        print(f"reeltag search: the query cannot be embedded: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(results, indent=2) if args.json else format_results(results))
-    return 0
+def _search(args: argparse.Namespace) -> int:
+    code, results = _guarded(lambda: search(args.output_dir, args.query, top_k=args.top_k), [
+        ((SearchError,), 2, "reeltag search: "),
+        ((ModelLoadError,), 1, "reeltag search: the query cannot be embedded: ")])
+    if results is not None:
+        print(json.dumps(results, indent=2) if args.json else format_results(results))
+    return code
 
 
-def _report(args) -> int:
-    try:
-        path = write_report(args.output_dir, args.out)
-    except ReportError as e:
-        print(f"reeltag report: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"reeltag report: the report could not be written: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+def _report(args: argparse.Namespace) -> int:
+    code, path = _guarded(lambda: write_report(args.output_dir, args.out), [
+        ((ReportError,), 2, "reeltag report: "),
+        ((OSError,), 1, "reeltag report: the report could not be written: ")])
+    if path is not None:
+        print(path)
+    return code
 
 
 def _train_or_eval(command: str, spec: PipelineSpec) -> int:
-    try:
-        result = run_train(spec) if command == "train" else run_eval(spec)
-    except (ManifestError, TrainError) as e:
-        print(f"reeltag {command}: {e}", file=sys.stderr)
-        return 2
-    except ModelLoadError as e:
-        print(f"reeltag {command}: the job could not run: {e}", file=sys.stderr)
-        return 1
+    code, result = _guarded(lambda: run_train(spec) if command == "train" else run_eval(spec), [
+        ((ManifestError, TrainError), 2, f"reeltag {command}: "),
+        ((ModelLoadError,), 1, f"reeltag {command}: the job could not run: ")])
+    if result is None:
+        return code
     if command == "train":
         what = "head" if result.get("backbone", "frozen") == "frozen" else "model and head"
         use = "" if what == "head" else f"--set model.pretrained={result['checkpoint']} "

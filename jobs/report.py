@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline._isolate import IsolatedDecoder
-from pipeline.decode import decode_size, open_reader, probe
+from pipeline.decode import decode_size, open_video, probe
 from pipeline.sources import local_path
 from pipeline.writer import latest_config, read_table
 
@@ -108,7 +108,7 @@ def _thumbnails(uri: str, times_s: list[float], short_side: int) -> list[tuple[b
         info, index = probe(path)
         nearest = _nearest(index.times_s, np.asarray(times_s))  # [S] frame indices
         needed = np.unique(nearest)
-        reader = open_reader("pyav", path, info, index, decode_size(info, short_side))
+        reader = open_video(path, info, index, decode_size(info, short_side), backend="pyav", requested="pyav")
         try:
             frames = reader.read(needed)  # [F, H, W, 3]
         finally:

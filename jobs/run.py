@@ -1,27 +1,63 @@
-"""``reeltag run``: the tagging pipeline as one streaming Ray Data job, written by the driver as it streams."""
+"""``reeltag run``: the tagging pipeline as one streaming Ray Data job, written by the driver as it streams, on an
+embedded local Ray by default or an existing cluster with ``ray.address`` or RAY_ADDRESS."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from types import ModuleType
+from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline.config import PipelineSpec, check_spec, resolved
+from pipeline.config import PipelineSpec, RaySpec
 from pipeline.decode import video_id
 from pipeline.sources import stat
 from pipeline.stages import DecodeStage, EncodeStage
+from pipeline.validate import check_spec, config_hash, resolved
 from pipeline.writer import OutputWriter, read_table, write_actions
 from temporal.files import write_text_atomic
 from temporal.localize import localize_videos
 
-from ._ray import ray_session
+
+class RayStartError(RuntimeError):
+    """Ray could not be started or reached."""
+
+
+@contextmanager
+def ray_session(spec: RaySpec) -> Iterator[ModuleType]:
+    """Connect (or start), quiet Ray's own output unless ``ray.verbose``, and shut down on exit."""
+    import ray
+
+    level = logging.INFO if spec.verbose else logging.ERROR
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(include_dashboard=False, log_to_driver=spec.verbose, logging_level=level)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:  # embedded: a new local Ray owned by this job, never one a crashed run left behind
+            ray.init(address="local", num_cpus=spec.num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "an embedded local Ray"
+        raise RayStartError(f"cannot start or reach {where}: {str(e).strip().splitlines()[0]}") from None
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = spec.verbose
+    ctx.print_on_execution_start = spec.verbose
+    for name in ("ray", "ray.data", "ray.data._internal"):
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 class JobError(RuntimeError):
@@ -38,21 +74,6 @@ def check_output_dir(path: str) -> Path:
     except OSError as e:
         raise JobError(f"output.dir {path!r} is not writable: {e.strerror or e}") from None
     return out
-
-
-def _decode_on_ray(stage: DecodeStage) -> Callable[[dict], Iterator[dict]]:
-    """The decode stage as a Ray Data flat_map function that also records the node each video was decoded on."""
-
-    def decode(item: dict) -> Iterator[dict]:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id()
-        for row in stage(item):
-            if row["kind"] == "end":
-                row["node"] = node
-            yield row
-
-    return decode
 
 
 def fingerprint(uri: str) -> str:
@@ -108,12 +129,12 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
     Raises ConfigError (on the driver, before anything starts) for a spec that :func:`check_spec` refuses."""
     started = time.time()
     videos = check_spec(spec, command=command)
-    spec = resolved(spec)  # model.dtype: auto decided once, here: every worker computes what the hash says
+    spec = resolved(spec)  # device and dtype: auto decided once, here: every worker computes what the hash says
     out = check_output_dir(spec.output.dir)
-    config_hash, model = spec.config_hash(), spec.model_id()
+    digest, model = config_hash(spec), spec.model_id()
     prints = {uri: fingerprint(uri) for uri in videos}
-    save_config(out, spec, config_hash)
-    writer = OutputWriter(out, config_hash=config_hash, model=model, shard_rows=spec.output.shard_rows,
+    save_config(out, spec, digest)
+    writer = OutputWriter(out, config_hash=digest, model=model, shard_rows=spec.output.shard_rows,
                           fingerprints=prints)
     finished = writer.finished()
     todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in finished]
@@ -125,7 +146,7 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
             # A task or actor whose worker process dies is re-run by Ray (tasks 3 times, actors without limit): the
             # decoder child process already turns a video's own crash or hang into an errors row.
             decode, encode = DecodeStage(spec), EncodeStage(spec)
-            ds = ds.flat_map(_decode_on_ray(decode), num_cpus=decode.resources.cpus)
+            ds = ds.flat_map(decode, num_cpus=decode.resources.cpus)
             # encode: N segment rows -> N rows with embeddings and tags, on actors that load the model once
             ds = ds.map_batches(_RayEncode, fn_constructor_kwargs={"stage": encode}, batch_size=encode.batch_size,
                                 compute=ray.data.ActorPoolStrategy(size=spec.ray.encoder_actors),
@@ -141,16 +162,16 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
     progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
     actions = None
     if spec.segments.localize and spec.tags.vocabulary:  # from the stored windows: no decoding, no model
-        windows = read_table(out, "segments", config_hash).select(["video_id", "uri", "start_s", "end_s", "tags"])
+        windows = read_table(out, "segments", digest).select(["video_id", "uri", "start_s", "end_s", "tags"])
         actions = write_actions(out, localize_videos(windows.to_pylist(), threshold=spec.tags.threshold),
-                                config_hash=config_hash)
+                                config_hash=digest)
     wall = time.time() - started
     summary = {
         "videos_total": len(videos), "videos_skipped": len(videos) - len(todo), "videos_ok": writer.videos_ok,
         "videos_failed": writer.videos_failed, "errors_by_type": dict(writer.errors_by_type),
         "segments": writer.segments, "wall_s": round(wall, 3),
         "segments_per_s": round(writer.segments / wall, 3) if wall > 0 else 0.0,
-        "config_hash": config_hash, "model": model, "videos_by_node": dict(writer.videos_by_node),
+        "config_hash": digest, "model": model, "videos_by_node": dict(writer.videos_by_node),
         "segments_by_encoder_node": dict(writer.segments_by_encoder_node),
         "outputs": {"segments": str(out / "segments"), "errors": str(out / "errors")},
     }

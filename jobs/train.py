@@ -44,8 +44,8 @@ def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_s
              for c in clips}
     parts = [[(c.uri, c.start_s, c.end_s) for c in clips], sorted(files.items()), spec.sampling.frames, short_side,
              spec.decode.backend, kind, detail]
-    if kind != "pixels":  # embeddings depend on the model; pixels only on its preprocessing (short_side, detail)
-        parts += [spec.model_id(), str(spec.tower), spec.model.dtype]
+    if kind != "pixels":  # embeddings depend on the model (detail: the dtype it runs in); pixels only on its
+        parts += [spec.model_id(), str(spec.tower)]  # preprocessing (short_side, detail)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -97,13 +97,13 @@ def frame_embeddings(spec: PipelineSpec, model: VideoTextModel, clips: list[Labe
     """``[N,T,D]`` fused frame embeddings (float32), times ``[N,T]``, and which clips decoded; cached. With
     ``tower.fusion: attention`` (trained with the head) every view instead: ``[N,T,V,D]``, the whole frame first,
     for all frames whatever ``tower.fine_frames`` says (the fusion treats each frame on its own)."""
-    side = decode_short_side(spec)
+    side, dtype = decode_short_side(spec), str(model.encoder.dtype)  # the dtype auto resolved to, here
     if spec.tower.fusion == "attention":
         def views(x: torch.Tensor) -> torch.Tensor:
             return model.tower.forward_batch([x], fine_frames="all")[0].regions.float()
 
-        return _per_clip(spec, clips, "views", side, views, log=log)
-    return _per_clip(spec, clips, "frames", side, lambda x: model.tower(x).fused.float(), log=log)
+        return _per_clip(spec, clips, "views", side, views, detail=dtype, log=log)
+    return _per_clip(spec, clips, "frames", side, lambda x: model.tower(x).fused.float(), detail=dtype, log=log)
 
 
 def frame_pixels(spec: PipelineSpec, clips: list[LabelledClip], cfg: PreprocessCfg, *, log: Log) -> Cached:

@@ -12,12 +12,7 @@ directory on a cluster).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import glob
-import hashlib
-import json
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,11 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-from encoders.models import resolve_dtype
-from encoders.video_text import model_problems
-
-from .sources import SourceError, expand, read_uri_list
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 
@@ -130,12 +120,12 @@ class TowerSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     family: Literal["clip", "align"] = "clip"  # model family of the checkpoint
-    # Hugging Face hub id (org/name) or a local checkpoint directory (see is_local_model)
+    # Hugging Face hub id (org/name) or a local checkpoint directory (see pipeline.validate.is_local_model)
     pretrained: str = "openai/clip-vit-base-patch32"
     local_files_only: bool = field(default=False, metadata=_SAME_ROWS)  # never contact the hub (air-gapped clusters)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs and bf16 CPUs, else fp32
-    # auto: cuda when the encoder worker has a GPU. Hashed (as the device it resolves to, see encoder_device):
-    # CUDA kernels give other numbers than CPU ones, as dtype does
+    # auto: cuda when the encoder worker has a GPU. Hashed as the device it resolves to (worker_device): CUDA
+    # kernels give other numbers than CPU ones, as dtype does
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # images per backbone call; null: 16 CPU, 256 GPU (batching does not change what a segment gets)
     batch_size: int | None = field(default=None, metadata={**_POSITIVE, **_SAME_ROWS})
@@ -143,19 +133,6 @@ class ModelSpec:
     def __post_init__(self):
         if not self.pretrained.strip():
             raise _FieldProblem("pretrained", "required: a hub id (org/name) or a local checkpoint directory")
-
-
-_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
-
-
-def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~"))
-
-
-def is_local_model(pretrained: str) -> bool:
-    """Whether ``model.pretrained`` names a local directory: it starts with ``.``, ``/`` or ``~``, or is a directory
-    that exists (``models/synthactions``), or cannot be a hub id (``runs/a/model``). Reads the filesystem."""
-    return _looks_like_path(pretrained) or os.path.isdir(pretrained) or not _HUB_ID.fullmatch(pretrained)
 
 
 @dataclass(frozen=True)
@@ -183,6 +160,12 @@ class TrainSpec:
     seed: int = 0  # initialisation and shuffling
     heads: int = field(default=4, metadata=_POSITIVE)  # attention heads of the temporal head
     layers: int = field(default=1, metadata=_POSITIVE)  # transformer blocks of the temporal head
+
+    def __post_init__(self):
+        for key in ("max_shift", "mean_loss"):  # a key the mode does not use is an error, not ignored
+            if self.backbone == "frozen" and getattr(self, key):
+                raise _FieldProblem(key, "is used only when the whole model trains (train.backbone: finetune or "
+                                         "scratch); with frozen, frames are embedded once")
 
 
 @dataclass(frozen=True)
@@ -237,7 +220,7 @@ class PipelineSpec:
     temporal: TemporalSpec
     tags: TagsSpec
     output: OutputSpec = field(metadata=_SAME_ROWS)
-    ray: RaySpec = field(metadata=_SAME_ROWS)  # placement only (the device it gives the encoders: see encoder_device)
+    ray: RaySpec = field(metadata=_SAME_ROWS)  # placement only (and the device it gives the encoders)
     train: TrainSpec = field(metadata=_SAME_ROWS)  # read by `reeltag train`/`eval`, never by the pipeline
     # ``file:line`` (or ``--set``) of each key path as a tuple, e.g. ("tags", "vocabulary"), for check_spec's messages
     locations: dict[tuple, str] = field(default_factory=dict, compare=False, repr=False,
@@ -251,143 +234,8 @@ class PipelineSpec:
     def stride_s(self) -> float:
         return self.segments.stride_s or self.segments.window_s
 
-    def config_hash(self) -> str:
-        """Hash of every field that changes a segment row (not those marked ``_SAME_ROWS``), with ``dtype: auto``
-        and ``device: auto`` as they resolve, and the content of a local model's weights, the head and the
-        vocabulary (retrained or edited in place, they change the rows under the same path)."""
-        spec = resolved(self)
-        parts = _row_fields(spec)
-        parts["model"]["device"] = encoder_device(spec)
-        local = os.path.expanduser(spec.model.pretrained)
-        if os.path.isdir(local):
-            parts["model"]["weights"] = _weights_digest(
-                f for f in glob.glob(os.path.join(local, "*")) if f.endswith((".safetensors", ".bin")))
-        if spec.temporal.checkpoint:
-            parts["temporal"]["checkpoint"] = _weights_digest([os.path.join(spec.temporal.checkpoint,
-                                                                             "head.safetensors")])
-        if spec.tags.vocabulary:
-            parts["tags"]["vocabulary"] = hashlib.sha256(Path(spec.tags.vocabulary).read_bytes()).hexdigest()
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
     def model_id(self) -> str:
         return f"{self.model.family}:{self.model.pretrained}"
-
-    def videos(self) -> list[str]:
-        """All input videos (absolute paths or URIs), sorted, without duplicates; ConfigError if an input names
-        none. Prefer the list :func:`check_spec` returns (it lists them once)."""
-        videos, problems = _find_inputs(self)
-        if problems:
-            raise ConfigError([_problem(self.locations, tuple(key.split(".")), message) for key, message in problems])
-        return videos
-
-
-def _row_fields(obj) -> dict:
-    """The fields of a spec (or section) that change a segment row, as plain data (sections as dicts)."""
-    out = {}
-    for f in dataclasses.fields(obj):
-        if f.metadata.get("output", True):
-            value = getattr(obj, f.name)
-            out[f.name] = _row_fields(value) if dataclasses.is_dataclass(value) else value
-    return out
-
-
-def encoder_device(spec: PipelineSpec) -> str:
-    """``cuda`` or ``cpu``: the device the pipeline's encoder workers get (``model.device``; ``auto``: a GPU when
-    Ray gives each encoder actor one)."""
-    m = spec.model
-    return "cuda" if m.device == "cuda" or (m.device == "auto" and spec.ray.gpus_per_actor > 0) else "cpu"
-
-
-def resolved(spec: PipelineSpec) -> PipelineSpec:
-    """``spec`` with ``model.dtype: auto`` replaced by the dtype the encoder workers use on their device (bf16 on
-    GPUs, and on CPUs with native bf16 when this machine has it), so the driver decides once and every worker,
-    whatever its own CPU, computes what the config hash says."""
-    if spec.model.dtype != "auto":
-        return spec
-    import torch
-
-    dtype = resolve_dtype("auto", torch.device(encoder_device(spec)))
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=name))
-
-
-# --------------------------------------------------------------------------------------------------
-# Checking what a spec names on disk (parsing never reads the filesystem)
-
-COMMANDS = ("run", "index", "validate", "train", "eval")
-
-
-def check_spec(spec: PipelineSpec, *, command: str = "run") -> list[str]:
-    """Check what the spec names on disk and list its inputs once: raise ConfigError (every problem, each with its
-    file:line and key) or return the input videos, sorted, deduplicated (empty for train/eval configs without
-    inputs). ``command``: run and index need inputs; train and eval read train manifests; validate needs inputs or
-    train.manifest, and checks a config with train.manifest as `reeltag train` would (it may train the fusion)."""
-    if command not in COMMANDS:
-        raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
-    videos, problems = _find_inputs(spec)
-    if not spec.has_input and (command in ("run", "index") or (command == "validate" and not spec.train.manifest)):
-        problems.append(("input.paths", INPUT_REQUIRED + (f" for `reeltag {command}`" if command != "validate"
-                                                          else "")))
-    problems += _model_directory_problems(spec.model.pretrained)
-    training = command == "train" or (command == "validate" and spec.train.manifest is not None)
-    problems += model_problems(spec, training=training)  # temporal.checkpoint and the fusion it holds
-    for key, value in (("tags.vocabulary", spec.tags.vocabulary), ("train.manifest", spec.train.manifest),
-                       ("train.eval_manifest", spec.train.eval_manifest)):
-        if value is not None and not os.path.isfile(value):
-            problems.append((key, f"file not found: {value}"))
-    if problems:
-        raise ConfigError([_problem(spec.locations, tuple(key.split(".")), message) for key, message in problems])
-    return videos
-
-
-def _model_directory_problems(pretrained: str) -> list[tuple[str, str]]:
-    """A hub id is taken as written (the hub is asked when the model loads); a local directory must exist."""
-    if not is_local_model(pretrained) or os.path.isdir(os.path.expanduser(pretrained)):
-        return []
-    if _looks_like_path(pretrained):
-        return [("model.pretrained", f"directory not found: {pretrained}")]
-    return [("model.pretrained", f"not a hub id (org/name) nor an existing directory: {pretrained}")]
-
-
-def _find_inputs(spec: PipelineSpec) -> tuple[list[str], list[tuple[str, str]]]:
-    """The input videos (absolute paths or URIs), sorted, without duplicates, and a ``(key, message)`` for each
-    input that names none. The one place inputs are listed (a recursive listing of a bucket can be slow)."""
-    found, problems = set(), []
-    for i, pattern in enumerate(spec.input.paths):
-        try:
-            matched = expand(pattern, spec.input.extensions)
-        except SourceError as e:
-            problems.append((f"input.paths.{i}", str(e)))
-            continue
-        if not matched:
-            what = "no video files match" if glob.has_magic(pattern) or os.path.isdir(pattern) else "not found"
-            problems.append((f"input.paths.{i}", f"{what}: {pattern}"))
-        found.update(matched)
-    if spec.input.manifest is not None:
-        if not os.path.isfile(spec.input.manifest):
-            problems.append(("input.manifest", f"file not found: {spec.input.manifest}"))
-        else:
-            try:
-                found.update(read_uri_list(spec.input.manifest))
-            except SourceError as e:
-                problems.append(("input.manifest", str(e)))
-    return sorted(found), problems
-
-
-def _weights_digest(paths) -> str:
-    """SHA-256 over the files' content (in path order), cached while no file's size or mtime changes."""
-    return _digest(tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in sorted(paths)))
-
-
-@functools.lru_cache(maxsize=16)
-def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
-    h = hashlib.sha256()
-    for path, _, _ in files:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
 
 INPUT_REQUIRED = "required: video files, directories, globs or URIs (or input.manifest)"
 
@@ -493,7 +341,8 @@ def _locate(where: dict, key: tuple) -> str:
     return ""
 
 
-def _problem(where: dict, key: tuple, message: str) -> str:
+def located(where: dict, key: tuple, message: str) -> str:
+    """``message`` about the key path ``key``, prefixed with its ``file:line`` from ``where``."""
     return f"{_locate(where, key)} {'.'.join(key)}: {message}".strip()
 
 
@@ -502,14 +351,14 @@ def _build(cls: type, data: Any, key: tuple, where: dict, problems: list[str]) -
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(_problem(where, key, f"expected a mapping of keys, got {_kind(data)}"))
+        problems.append(located(where, key, f"expected a mapping of keys, got {_kind(data)}"))
         return None
     fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     hints = typing.get_type_hints(cls)
     for name in data:
         if name not in fields:
             hint = f"; known keys: {', '.join(fields)}"
-            problems.append(_problem(where, (*key, str(name)), f"unknown key{hint}"))
+            problems.append(located(where, (*key, str(name)), f"unknown key{hint}"))
     kwargs, before = {}, len(problems)
     for name, value in data.items():
         if name not in fields:
@@ -520,11 +369,11 @@ def _build(cls: type, data: Any, key: tuple, where: dict, problems: list[str]) -
             continue
         ok, converted, message = _convert(hints[name], value)
         if not ok:
-            problems.append(_problem(where, sub, message))
+            problems.append(located(where, sub, message))
             continue
         check = fields[name].metadata.get("check")
         if check and converted is not None and not check[0](converted):
-            problems.append(_problem(where, sub, check[1].format(got=value)))
+            problems.append(located(where, sub, check[1].format(got=value)))
             continue
         kwargs[name] = converted
     for name in fields:  # sections not given in the YAML still validate their defaults
@@ -535,7 +384,7 @@ def _build(cls: type, data: Any, key: tuple, where: dict, problems: list[str]) -
     try:
         return cls(**kwargs)
     except _FieldProblem as e:
-        problems.append(_problem(where, (*key, *e.key.split(".")), e.message))
+        problems.append(located(where, (*key, *e.key.split(".")), e.message))
         return None
 
 

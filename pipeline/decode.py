@@ -78,7 +78,8 @@ def video_id(uri: str) -> str:
     return f"{stem}-{hashlib.sha1(uri.encode()).hexdigest()[:10]}"
 
 
-def _first_line(e: Exception) -> str:
+def error_reason(e: Exception) -> str:
+    """The last line of an exception's message (where native libraries put the reason), at most 500 characters."""
     text = str(e).strip()
     return (text.splitlines()[-1] if text else type(e).__name__)[:500]
 
@@ -201,7 +202,7 @@ class DecordReader(VideoReader):
         try:
             frames = self._vr.get_batch([int(i) for i in indices]).asnumpy()
         except decord.DECORDError as e:
-            raise DecodeError("decord_failed", f"decord could not read frames: {_first_line(e)}") from None
+            raise DecodeError("decord_failed", f"decord could not read frames: {error_reason(e)}") from None
         if frames.shape[-1] != 3:  # Decord 0.6.0 returns 4 channels at some output widths
             raise DecodeError("decord_bad_output", f"decord returned frames of shape {frames.shape}")
         self.served_pts = self._index.pts[indices]
@@ -356,12 +357,6 @@ def open_video(path: str, info: VideoInfo, index: FrameIndex, size: tuple[int, i
         return FallbackReader(DecordReader(path, info, index, size, threads), pyav)
     except DecodeError:
         return pyav()
-
-
-def open_reader(backend: str, path: str, info: VideoInfo, index: FrameIndex, size: tuple[int, int], *,
-                threads: int = 1, exact: bool = True) -> VideoReader:
-    """:func:`open_video` of exactly ``backend``, no fallback (kept for callers not moved to open_video yet)."""
-    return open_video(path, info, index, size, backend=backend, requested=backend, threads=threads, exact=exact)
 
 
 def low_res_histograms(path: str, index: FrameIndex, *, threads: int = 1, side: int = 32) -> np.ndarray:

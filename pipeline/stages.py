@@ -1,23 +1,25 @@
 """Stages: small classes that declare their resources, load weights in ``setup()`` inside the worker and
-transform in ``__call__``. ``jobs/`` maps them onto Ray; :func:`run_sequential` runs them without Ray."""
+transform in ``__call__``. ``jobs/`` maps them onto Ray; :func:`run_sequential` runs them without Ray.
+
+``encoders.video_text`` is imported where the encode stage needs it, not at the top: it loads torch, and the
+decode workers and their decoder processes, which import this module, must not (190 MB and 2 s each)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-
-from encoders.video_text import VideoTextModel, create_model, decode_short_side, segments_per_call
 
 from ._isolate import IsolatedDecoder
 from .config import PipelineSpec
 from .decode import (
     DecodeError,
-    _first_line,
     choose_backend,
     decode_size,
+    error_reason,
     low_res_histograms,
     open_video,
     probe,
@@ -26,6 +28,9 @@ from .decode import (
 from .segments import plan_segments, shot_boundaries
 from .sources import local_path
 from .writer import STREAM_SCHEMA
+
+if TYPE_CHECKING:
+    from encoders.video_text import VideoTextModel
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def decode_rows(uri: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]
     except DecodeError as e:
         failure = {"stage": "decode", "error_type": e.error_type, "message": str(e)}
     except Exception as e:  # noqa: BLE001 - any decoder failure is this video's, never the job's
-        failure = {"stage": "decode", "error_type": type(e).__name__, "message": _first_line(e)}
+        failure = {"stage": "decode", "error_type": type(e).__name__, "message": error_reason(e)}
     yield _row("end", vid, uri, n_segments=count, backend=backend, **failure)
 
 
@@ -102,10 +107,18 @@ def _segment_rows(uri: str, path: str, vid: str, spec: PipelineSpec, short_side:
 _DECODERS: dict[tuple, IsolatedDecoder] = {}
 
 
+def _ray_node() -> str:
+    """The id of the Ray node this runs on; empty outside Ray (tests, the sequential runner)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
+
+
 class DecodeStage:
     """1 video -> N segment rows + 1 ``end`` row, decoded in a child process (see ``_isolate``)."""
 
     def __init__(self, spec: PipelineSpec, *, short_side: int | None = None):
+        from encoders.video_text import decode_short_side  # torch: on the driver only (see the module's doc)
+
         self.spec, self.short_side = spec, short_side or decode_short_side(spec)
         self.resources = Resources(cpus=spec.ray.decode_cpus)
         self._decoder = None
@@ -127,7 +140,10 @@ class DecodeStage:
         def failed(error_type: str, message: str, count: int) -> dict:
             return _row("end", vid, uri, n_segments=count, stage="decode", error_type=error_type, message=message)
 
-        yield from self._decoder.run(uri, self.spec, self.short_side, on_fail=failed)
+        for row in self._decoder.run(uri, self.spec, self.short_side, on_fail=failed):
+            if row["kind"] == "end":
+                row["node"] = _ray_node()
+            yield row
 
     def __getstate__(self):  # the decoder process belongs to the worker that started it
         return {**self.__dict__, "_decoder": None}
@@ -138,6 +154,8 @@ class EncodeStage:
     segments of a call share backbone calls: ``batch_size`` segments fill ``model.batch_size`` images."""
 
     def __init__(self, spec: PipelineSpec):
+        from encoders.video_text import segments_per_call  # torch (see the module's doc)
+
         self.spec = spec
         self.resources = Resources(cpus=spec.ray.encoder_cpus, gpus=spec.ray.gpus_per_actor)
         self.batch_size = segments_per_call(spec)  # segments per call
@@ -145,6 +163,8 @@ class EncodeStage:
 
     def setup(self) -> None:
         import torch
+
+        from encoders.video_text import create_model  # torch (see the module's doc)
 
         torch.set_num_threads(self.spec.ray.threads_per_actor)
         self.model = create_model(self.spec)
@@ -168,7 +188,7 @@ class EncodeStage:
             return self.model.encode(frames, times_s)
         except Exception as e:  # noqa: BLE001 - a segment that cannot be encoded is recorded, not fatal
             if len(frames) == 1:
-                return [{"stage": "encode", "error_type": type(e).__name__, "message": _first_line(e)}]
+                return [{"stage": "encode", "error_type": type(e).__name__, "message": error_reason(e)}]
         return [result for f, t in zip(frames, times_s) for result in self._encode([f], [t])]
 
 

@@ -26,15 +26,18 @@ TAG = pa.struct([("label", pa.string()), ("score", pa.float32()), ("confidence",
 REGION_TAG = pa.struct([("label", pa.string()), ("score", pa.float32()), ("confidence", pa.float32()),
                         ("box", pa.list_(pa.float32()))])  # box: normalised x0, y0, x1, y1 of the tile
 
+VIDEO = [("video_id", pa.string()), ("uri", pa.string())]  # every table's first columns: which video
+SPAN = [("start_s", pa.float64()), ("end_s", pa.float64())]  # seconds from the video's first frame
+ERROR = [("stage", pa.string()),  # where it failed: decode, encode; empty when it did not
+         ("error_type", pa.string()), ("message", pa.string())]
+
 # What the encode stage hands to the writer, one row per segment plus one "end" row per video.
 STREAM_SCHEMA = pa.schema([
     ("kind", pa.string()),  # "segment" or "end"
-    ("video_id", pa.string()),
-    ("uri", pa.string()),
+    *VIDEO,
     ("segment_id", pa.int32()),
     ("n_segments", pa.int32()),  # on "end" rows: segment rows this video produced
-    ("start_s", pa.float64()),
-    ("end_s", pa.float64()),
+    *SPAN,
     ("frame_times_s", pa.list_(pa.float64())),
     ("embedding", pa.list_(pa.float32())),
     ("tags", pa.list_(TAG)),
@@ -42,17 +45,13 @@ STREAM_SCHEMA = pa.schema([
     ("backend", pa.string()),
     ("node", pa.string()),  # on "end" rows: the Ray node that decoded the video
     ("encoder_node", pa.string()),  # the Ray node whose encoder actor handled the row
-    ("stage", pa.string()),  # where it failed: decode, encode; empty when it did not
-    ("error_type", pa.string()),
-    ("message", pa.string()),
+    *ERROR,
 ])
 
 SEGMENTS_SCHEMA = pa.schema([
-    ("video_id", pa.string()),
-    ("uri", pa.string()),
+    *VIDEO,
     ("segment_id", pa.int32()),
-    ("start_s", pa.float64()),
-    ("end_s", pa.float64()),
+    *SPAN,
     ("frame_times_s", pa.list_(pa.float64())),
     ("embedding", pa.list_(pa.float32())),  # L2-normalised, in the model's joint text-video space
     ("tags", pa.list_(TAG)),  # best first
@@ -63,28 +62,17 @@ SEGMENTS_SCHEMA = pa.schema([
 ])
 
 ACTIONS_SCHEMA = pa.schema([
-    ("video_id", pa.string()),
-    ("uri", pa.string()),
+    *VIDEO,
     ("label", pa.string()),
-    ("start_s", pa.float64()),  # the action's extent, merged from the windows that found it
-    ("end_s", pa.float64()),
+    *SPAN,  # the action's extent, merged from the windows that found it
     ("score", pa.float32()),  # the best window's calibrated confidence
     ("config_hash", pa.string()),
 ])
 
-ERRORS_SCHEMA = pa.schema([
-    ("video_id", pa.string()),
-    ("uri", pa.string()),
-    ("stage", pa.string()),
-    ("error_type", pa.string()),
-    ("message", pa.string()),
-    ("config_hash", pa.string()),
-])
-
+ERRORS_SCHEMA = pa.schema([*VIDEO, *ERROR, ("config_hash", pa.string())])
 
 MANIFEST_SCHEMA = pa.schema([
-    ("video_id", pa.string()),
-    ("uri", pa.string()),
+    *VIDEO,
     ("fingerprint", pa.string()),  # size:mtime_ns of the file when it was read
     ("config_hash", pa.string()),
     ("model", pa.string()),

@@ -1,5 +1,3 @@
-"""Temporal modelling: pooling frames into segment embeddings."""
-
-from .pooling import AttentionPooling, build_pooler, mean_pool
-
-__all__ = ["AttentionPooling", "build_pooler", "mean_pool"]
+"""Temporal modelling: pooling frames into segment embeddings (``pooling``), localisation (``localize``), contrastive
+losses and the training loop (``losses``, ``train``), head checkpoints (``checkpoint``), metrics, atomic file writes
+(``files``). Import the module you need: ``localize`` and ``files`` load no torch, which the decode workers use."""

@@ -14,10 +14,11 @@ import torch
 
 from encoders._tiny import save_tiny
 from encoders.video_text import decode_short_side
-from pipeline.config import check_spec, parse_spec
+from pipeline.config import parse_spec
 from pipeline.stages import run_sequential
 from pipeline.synth import sample_clips, write_clips
-from temporal import mean_pool
+from pipeline.validate import check_spec
+from temporal.pooling import mean_pool
 
 MOTIONS = ("moving left", "moving right", "growing", "shrinking")
 SMALL = dict(frame_sizes=((64, 48),), fps=(15.0, 15.0), duration_s=(1.2, 1.2), size=(0.25, 0.4), noise=(0.0, 0.0))

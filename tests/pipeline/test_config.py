@@ -16,7 +16,8 @@ import torch
 
 from encoders.models import resolve_dtype
 from jobs.cli import main
-from pipeline.config import ConfigError, PipelineSpec, check_spec, load_spec, parse_spec, resolved
+from pipeline.config import ConfigError, PipelineSpec, load_spec, parse_spec
+from pipeline.validate import check_spec, config_hash, resolved
 from temporal.checkpoint import HeadShape, save_checkpoint
 
 
@@ -58,7 +59,6 @@ def test_valid_file_fills_defaults(files):
     assert spec.tower.levels == (1,) and spec.temporal.pooling == "mean" and spec.ray.address is None
     videos = check_spec(spec)
     assert [Path(v).name for v in videos] == ["broken.mp4", "clip0.mp4", "clip1.mp4", "clip2.mp4"]
-    assert spec.videos() == videos  # the same listing
 
 
 def test_bad_value_names_line_key_and_value(files):
@@ -219,20 +219,20 @@ def test_a_local_model_retrained_in_place_changes_the_config_hash(files, tmp_pat
     """Same path, new weights: a resumed run must not take the old model's segments as done."""
     model = shutil.copytree(files["model"], tmp_path / "model")
     text = _yaml({**files, "model": model})
-    before = parse_spec(text).config_hash()
-    assert parse_spec(text).config_hash() == before  # stable while nothing changes
+    before = config_hash(parse_spec(text))
+    assert config_hash(parse_spec(text)) == before  # stable while nothing changes
     (weights,) = model.glob("*.safetensors")
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of the last tensor
     weights.write_bytes(bytes(data))
-    assert parse_spec(text).config_hash() != before
+    assert config_hash(parse_spec(text)) != before
 
 
 def test_config_hash_ignores_placement_but_not_the_model(files):
     base = parse_spec(_yaml(files))
-    assert parse_spec(_yaml(files), overrides=["ray.encoder_actors=3", "output.dir=/tmp/x"]).config_hash() == \
-        base.config_hash()
-    assert parse_spec(_yaml(files), overrides=["segments.window_s=2"]).config_hash() != base.config_hash()
+    assert config_hash(parse_spec(_yaml(files), overrides=["ray.encoder_actors=3", "output.dir=/tmp/x"])) == \
+        config_hash(base)
+    assert config_hash(parse_spec(_yaml(files), overrides=["segments.window_s=2"])) != config_hash(base)
 
 
 def test_shipped_configs_validate(tmp_path):
@@ -291,19 +291,19 @@ def test_an_attention_fusion_needs_a_head_trained_with_it(files, tmp_path):
 def test_config_hash_is_made_of_the_fields_that_change_a_row(files):
     """Raising decode.recycle_after or model.batch_size on resume must not redo every video; a longer window
     must."""
-    base = parse_spec(_yaml(files)).config_hash()
+    base = config_hash(parse_spec(_yaml(files)))
     same = ["decode.timeout_s=5", "decode.chunk_segments=2", "decode.recycle_after=7", "decode.threads=4",
             "model.batch_size=3", "model.local_files_only=true", "ray.encoder_actors=3", "ray.num_cpus=2",
             "output.dir=/tmp/x", "output.shard_rows=10", f"input.paths=[{files['videos']}/clip0.mp4]",
             "train.epochs=2", "train.manifest=elsewhere.jsonl"]
     for override in same:
-        assert parse_spec(_yaml(files), overrides=[override]).config_hash() == base, override
+        assert config_hash(parse_spec(_yaml(files), overrides=[override])) == base, override
     changed = ["segments.window_s=2", "sampling.frames=4", "decode.short_side_px=64", "decode.exact=false",
                "decode.backend=pyav", "tower.tile_overlap=0.25", "tags.threshold=0.7", "tags.top_k=2",
                "model.device=cuda", "sampling.seed=1"]
-    hashes = {o: parse_spec(_yaml(files), overrides=[o]).config_hash() for o in changed}
+    hashes = {o: config_hash(parse_spec(_yaml(files), overrides=[o])) for o in changed}
     assert base not in hashes.values() and len(set(hashes.values())) == len(changed), hashes
-    fp32, bf16 = (parse_spec(_yaml(files), overrides=[f"model.dtype={d}"]).config_hash()
+    fp32, bf16 = (config_hash(parse_spec(_yaml(files), overrides=[f"model.dtype={d}"]))
                   for d in ("float32", "bfloat16"))
     assert fp32 != bf16
 
@@ -327,15 +327,15 @@ def test_dtype_auto_is_resolved_once_and_hashed_as_resolved(files):
     cpu = parse_spec(_yaml(files))
     here = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype("auto", torch.device("cpu"))]
     assert cpu.model.dtype == "auto" and resolved(cpu).model.dtype == here
-    assert resolved(cpu).model.device == "auto" and resolved(resolved(cpu)) == resolved(cpu)
-    assert cpu.config_hash() == resolved(cpu).config_hash() == \
-        parse_spec(_yaml(files), overrides=[f"model.dtype={here}"]).config_hash()
+    assert resolved(cpu).model.device == "cpu" and resolved(resolved(cpu)) == resolved(cpu)
+    assert config_hash(cpu) == config_hash(resolved(cpu)) == \
+        config_hash(parse_spec(_yaml(files), overrides=[f"model.dtype={here}"]))
     gpu = parse_spec(_yaml(files), overrides=["ray.gpus_per_actor=1"])  # encoder actors get a GPU: bf16
-    assert resolved(gpu).model.dtype == "bfloat16"
-    assert gpu.config_hash() == parse_spec(_yaml(files), overrides=["model.device=cuda",
-                                                                     "model.dtype=bfloat16"]).config_hash()
+    assert resolved(gpu).model.dtype == "bfloat16" and resolved(gpu).model.device == "cuda"
+    assert config_hash(gpu) == config_hash(parse_spec(_yaml(files), overrides=["model.device=cuda",
+                                                                     "model.dtype=bfloat16"]))
     pinned = parse_spec(_yaml(files), overrides=["model.dtype=float32", "ray.gpus_per_actor=1"])
-    assert resolved(pinned) is pinned
+    assert resolved(pinned).model.dtype == "float32" and resolved(pinned).model.device == "cuda"
 
 
 def test_locations_travel_with_the_spec(files):
@@ -349,3 +349,18 @@ def test_locations_travel_with_the_spec(files):
     assert "locations=" not in repr(spec)
     (problem,) = _errors(_yaml(files, "locations: {}\n"))
     assert problem.startswith("pipeline.yaml:9 locations: unknown key")
+
+
+def test_a_training_key_the_mode_does_not_use_is_an_error(files, tmp_path):
+    """max_shift and mean_loss act only when the whole model trains; with a frozen backbone they were silently
+    ignored. Whole-model training on tiles was refused only once training had started."""
+    for key in ("max_shift: 0.1", "mean_loss: 0.5"):
+        with pytest.raises(ConfigError, match=rf"train\.{key.split(':')[0]}: is used only when the whole model"):
+            parse_spec(_yaml(files, f"train: {{{key}}}\n"))
+    assert parse_spec(_yaml(files, "train: {backbone: scratch, max_shift: 0.1, mean_loss: 0.5}\n"))
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text('{"uri": "a.mp4", "caption": "x"}\n')
+    tiles = parse_spec(_yaml(files, f"train: {{backbone: finetune, manifest: '{manifest}'}}\n"
+                                    "tower: {levels: [1, 2], fusion: mean}\n"))
+    with pytest.raises(ConfigError, match=r"tower\.levels: train\.backbone: finetune trains on the whole frame"):
+        check_spec(tiles, command="train")

@@ -48,3 +48,23 @@ def test_align_checkpoint_runs_the_same_pipeline(archive, tiny_align_dir, vocab_
 def test_shipped_kinetics_vocabulary():
     vocab = load_vocabulary(REPO / "configs" / "vocab" / "kinetics400.txt")
     assert len(vocab.labels) == 400 and vocab.labels[0] == "abseiling" and vocab.labels[-1] == "zumba"
+
+
+def test_decode_workers_never_load_torch(archive, tiny_clip_dir, vocab_file, tmp_path):
+    """A Ray decode task unpickles the decode stage and runs it; its decoder child imports the decode functions.
+    Neither may import torch (190 MB and 2 s each, per worker): the schema and the decode path are torch-free."""
+    import pickle
+    import subprocess
+    import sys
+
+    from pipeline.stages import DecodeStage
+
+    stage = DecodeStage(_spec(archive, tiny_clip_dir, vocab_file, tmp_path), short_side=64)
+    (tmp_path / "stage.pkl").write_bytes(pickle.dumps(stage))
+    code = ("import pickle, sys; stage = pickle.load(open(sys.argv[1], 'rb'));"
+            "rows = list(stage({'uri': sys.argv[2]})); assert rows[-1]['kind'] == 'end' and len(rows) == 4, rows[-1];"
+            "print(sorted(m for m in ('torch', 'transformers', 'encoders', 'ray') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "stage.pkl"), str(archive / "clip0.mp4")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from temporal import AttentionPooling, mean_pool
+from temporal.pooling import AttentionPooling, mean_pool
 
 
 def test_mean_pool_ignores_padding():
