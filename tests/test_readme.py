@@ -11,7 +11,7 @@ README = (REPO / "README.md").read_text()
 
 
 def test_every_config_key_is_documented_in_its_section():
-    for section in dataclasses.fields(PipelineSpec):
+    for section in (f for f in dataclasses.fields(PipelineSpec) if f.metadata.get("yaml", True)):
         match = re.search(rf"### `{section.name}`\n(.*?)(?=\n### |\n## )", README, re.S)
         assert match, f"README has no table for the {section.name} section"
         for key in dataclasses.fields(section.type if isinstance(section.type, type) else
