@@ -52,9 +52,10 @@ class VideoInfo:
 class FrameIndex:
     """Every frame's presentation timestamp, from one demux pass (no decoding)."""
 
-    pts: np.ndarray  # int64 [N], sorted: frame k in presentation order has pts[k]
-    keyframes: np.ndarray  # int64 [K], sorted pts of keyframes (where a decode can start)
+    pts: np.ndarray  # int64 [N], sorted: frame k in presentation order has pts[k] (frames an edit list hides: none)
+    keyframes: np.ndarray  # int64 [K], sorted pts of keyframes (where a decode can start; hidden ones too)
     time_base: float  # seconds per pts tick
+    key_dts: np.ndarray | None = None  # int64 [K]: each keyframe's decode timestamp, what demuxers seek by
 
     @property
     def times_s(self) -> np.ndarray:
@@ -70,6 +71,13 @@ class FrameIndex:
     def keyframe_before(self, pts: int) -> int:
         i = np.searchsorted(self.keyframes, pts, side="right") - 1
         return int(self.keyframes[max(i, 0)])
+
+    def seek_point(self, key: int) -> int:
+        """The timestamp to seek to for the keyframe whose pts is ``key``: its dts. MPEG-TS demuxers seek by dts,
+        and a keyframe's pts lies after it when there are B-frames: seeking to the pts lands a GOP late."""
+        if self.key_dts is None:
+            return key
+        return int(self.key_dts[np.searchsorted(self.keyframes, key)])
 
 
 def video_id(uri: str) -> str:
@@ -104,12 +112,15 @@ def probe(path: str) -> tuple[VideoInfo, FrameIndex]:
                 kinds = sorted({s.type for s in container.streams}) or ["none"]
                 raise DecodeError("no_video_stream", f"no video stream (streams: {', '.join(kinds)})")
             stream = container.streams.video[0]
-            keys, pts = [], []
+            keys, pts = {}, []  # keyframe pts -> dts; pts of the frames shown
             for packet in container.demux(stream):
-                if packet.size and (packet.pts if packet.pts is not None else packet.dts) is not None:
-                    pts.append(packet.pts if packet.pts is not None else packet.dts)
-                    if packet.is_keyframe:
-                        keys.append(pts[-1])
+                at = packet.pts if packet.pts is not None else packet.dts
+                if not packet.size or at is None:
+                    continue
+                if packet.is_keyframe:
+                    keys[at] = packet.dts if packet.dts is not None else at
+                if not packet.is_discard:  # an edit list (a cut with -c copy) hides the frames before its start
+                    pts.append(at)
             if container.format.name in _IMAGE_FORMATS or (len(pts) == 1 and stream.codec_context.name in (
                     "png", "mjpeg", "webp", "bmp", "tiff")):
                 raise DecodeError("still_image", f"a still image ({stream.codec_context.name}), not a video")
@@ -126,8 +137,9 @@ def probe(path: str) -> tuple[VideoInfo, FrameIndex]:
     except av.error.FFmpegError as e:
         raise DecodeError("unreadable", f"not a readable video: {_ffmpeg_reason(e)}") from None
     pts = np.unique(np.asarray(pts, dtype=np.int64))
-    keys = np.unique(np.asarray(keys or pts[:1], dtype=np.int64))
-    return info, FrameIndex(pts, keys, time_base)
+    keys = keys or {int(pts[0]): int(pts[0])}
+    order = sorted(keys)
+    return info, FrameIndex(pts, np.asarray(order, np.int64), time_base, np.asarray([keys[k] for k in order], np.int64))
 
 
 def _rotation(container, stream) -> int:
@@ -284,23 +296,39 @@ class PyAVReader(VideoReader):
         except av.error.FFmpegError as e:
             raise DecodeError("corrupt", f"decoding failed: {_ffmpeg_reason(e)}") from None
 
-    def _seek(self, pts: int) -> None:
+    def _seek(self, key: int) -> None:
+        """Position the decoder at the keyframe whose pts is ``key`` (its first frame in ``_held``). Demuxers differ
+        in what they seek by: MP4 lands on the keyframe at its pts, MPEG-TS by dts, a GOP late at the pts. So the
+        pts first, then the dts if that overshot, then the start of the file, which is always exact."""
+        if self._container is None:
+            self._open()
+        stream = self._container.streams.video[0]
+        for target in dict.fromkeys([key, self._index.seek_point(key)]):
+            try:
+                self._container.seek(target, stream=stream, backward=True, any_frame=False)
+            except Exception:  # noqa: BLE001 - a container that cannot seek there is read from its start
+                break
+            self._start_decoding()
+            if self._held is not None and self._held.pts <= key:
+                return
+        self._container.close()
+        self._open()
+        self._start_decoding()
+
+    def _open(self) -> None:
         import av
 
-        if self._container is None:
-            self._container = av.open(self._path)
-            stream = self._container.streams.video[0]
-            stream.thread_count, stream.thread_type = self._threads, "AUTO"
-            if not self._exact:  # the coarse pass: no B-frames, no deblocking
-                stream.codec_context.options = {"skip_loop_filter": "all", "flags2": "+fast"}
-                stream.codec_context.skip_frame = "BIDIR"
-            self._skip = stream.codec_context.skip_frame
+        self._container = av.open(self._path)
         stream = self._container.streams.video[0]
-        try:
-            self._container.seek(pts, stream=stream, backward=True, any_frame=False)
-        except av.error.FFmpegError:
-            self._container.seek(0)
-        self._frames, self._prev, self._held = self._container.decode(stream), None, None
+        stream.thread_count, stream.thread_type = self._threads, "AUTO"
+        if not self._exact:  # the coarse pass: no B-frames, no deblocking
+            stream.codec_context.options = {"skip_loop_filter": "all", "flags2": "+fast"}
+            stream.codec_context.skip_frame = "BIDIR"
+        self._skip = stream.codec_context.skip_frame
+
+    def _start_decoding(self) -> None:
+        self._frames, self._prev = self._container.decode(self._container.streams.video[0]), None
+        self._held = self._next_frame()
 
     def _to_rgb(self, frame) -> np.ndarray:
         rgb = frame.to_ndarray(width=self._coded_size[0], height=self._coded_size[1], format="rgb24")
