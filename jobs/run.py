@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,8 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
     """Run the pipeline over every input video not already finished in ``output.dir``; return run.json's data.
     Raises ConfigError (on the driver, before anything starts) for a spec that :func:`check_spec` refuses."""
     started = time.time()
-    videos = check_spec(spec, command=command)
+    skipped: Counter = Counter()  # files of the inputs' directories that are not videos, by suffix
+    videos = check_spec(spec, command=command, skipped=skipped)
     spec = resolved(spec)  # device and dtype: auto decided once, here: every worker computes what the hash says
     out = check_output_dir(spec.output.dir)
     digest, model = config_hash(spec), spec.model_id()
@@ -167,7 +169,8 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
                                 config_hash=digest)
     wall = time.time() - started
     summary = {
-        "videos_total": len(videos), "videos_skipped": len(videos) - len(todo), "videos_ok": writer.videos_ok,
+        "videos_total": len(videos), "videos_skipped": len(videos) - len(todo),
+        "files_not_videos": dict(sorted(skipped.items())), "videos_ok": writer.videos_ok,
         "videos_failed": writer.videos_failed, "errors_by_type": dict(writer.errors_by_type),
         "segments": writer.segments, "wall_s": round(wall, 3),
         "segments_per_s": round(writer.segments / wall, 3) if wall > 0 else 0.0,

@@ -21,7 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
-VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
+# What archives hold: web and phones (mp4 m4v mov webm 3gp 3g2), post-production and broadcast (mxf mov ts m2ts mts
+# m2t mpg vob), camcorders (dv mts m2ts), legacy (avi wmv asf flv f4v rm rmvb ogv mpeg m2v mpe), raw streams (mkv
+# y4m ivf h264 h265 hevc nut)
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".mpe", ".m2v", ".ts",
+                    ".m2ts", ".mts", ".m2t", ".mxf", ".dv", ".3gp", ".3g2", ".flv", ".f4v", ".wmv", ".asf", ".vob",
+                    ".ogv", ".rm", ".rmvb", ".y4m", ".ivf", ".h264", ".h265", ".hevc", ".nut")
 
 
 class ConfigError(ValueError):

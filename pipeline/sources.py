@@ -9,10 +9,12 @@ import json
 import os
 import re
 import shutil
+import stat as stat_module
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -34,10 +36,12 @@ def _filesystem(uri: str):
         raise SourceError(f"cannot open {uri}: {str(e).splitlines()[0]}") from None
 
 
-def expand(pattern: str, extensions: tuple[str, ...]) -> list[str]:
+def expand(pattern: str, extensions: tuple[str, ...], skipped: Counter | None = None) -> list[str]:
     """Video files named by ``pattern``: a file (taken whatever its suffix), a directory (searched recursively
-    for ``extensions``), a local glob, or a filesystem URI of a file or directory."""
+    for ``extensions``, each real file once, symlink loops included), a local glob, or a filesystem URI of a file
+    or directory. ``skipped`` counts, by suffix, the files of a directory or glob left out for theirs."""
     suffixes = tuple(e.lower() for e in extensions)
+    skipped = Counter() if skipped is None else skipped
     if is_uri(pattern):
         fs, path = _filesystem(pattern)
         scheme = pattern.split("://", 1)[0]
@@ -46,16 +50,51 @@ def expand(pattern: str, extensions: tuple[str, ...]) -> list[str]:
             return [pattern]
         if info.type != pafs.FileType.Directory:
             return []
-        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        return sorted(f"{scheme}://{f.path}" for f in found
-                      if f.type == pafs.FileType.File and f.path.lower().endswith(suffixes))
+        found = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if f.type == pafs.FileType.File]
+        return sorted(f"{scheme}://{p}" for p in _videos(found, suffixes, skipped))
     pattern = os.path.expanduser(pattern)
     if os.path.isfile(pattern):
         return [os.path.abspath(pattern)]
     if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "**", "*")
-    return [os.path.abspath(p) for p in glob.glob(pattern, recursive=True)
-            if os.path.isfile(p) and p.lower().endswith(suffixes)]
+        return _videos(_walk(pattern), suffixes, skipped)
+    return _videos([os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)], suffixes,
+                   skipped)
+
+
+def _videos(paths: Iterable[str], suffixes: tuple[str, ...], skipped: Counter) -> list[str]:
+    """The paths with a video suffix; the others are counted in ``skipped`` by suffix (hidden files too)."""
+    videos = []
+    for path in paths:
+        name = os.path.basename(path)
+        if name.lower().endswith(suffixes) and not name.startswith("."):
+            videos.append(path)
+        else:
+            skipped["hidden" if name.startswith(".") else (os.path.splitext(name)[1].lower() or "no suffix")] += 1
+    return videos
+
+
+def _walk(root: str) -> list[str]:
+    """Every regular file under ``root`` once, by its first path: symlinked directories are followed, but a
+    directory already seen (a loop, or two links to one place) is not entered again, nor a file seen again."""
+    seen_dirs, seen_files, files = set(), set(), []
+    for directory, subdirs, names in os.walk(os.path.abspath(root), followlinks=True):
+        st = os.stat(directory)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            subdirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        subdirs.sort()
+        for name in sorted(names):
+            path = os.path.join(directory, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # a dangling link
+            if stat_module.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen_files:
+                seen_files.add((st.st_dev, st.st_ino))
+                files.append(path)
+    return files
 
 
 def read_uri_list(path: str) -> list[str]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -53,14 +54,15 @@ def resolved(spec: PipelineSpec) -> PipelineSpec:
 COMMANDS = ("run", "index", "validate", "train", "eval")
 
 
-def check_spec(spec: PipelineSpec, *, command: str = "run") -> list[str]:
+def check_spec(spec: PipelineSpec, *, command: str = "run", skipped: Counter | None = None) -> list[str]:
     """Check what the spec names on disk and list its inputs once: raise ConfigError (every problem, each with its
     file:line and key) or return the input videos, sorted, deduplicated (empty for train/eval configs without
     inputs). ``command``: run and index need inputs; train and eval read train manifests; validate needs inputs or
-    train.manifest, and checks a config with train.manifest as `reeltag train` would (it may train the fusion)."""
+    train.manifest, and checks a config with train.manifest as `reeltag train` would (it may train the fusion).
+    ``skipped`` counts the files the inputs' directories and globs left out, by suffix (:func:`sources.expand`)."""
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {', '.join(COMMANDS)}, got {command!r}")
-    videos, problems = _find_inputs(spec)
+    videos, problems = _find_inputs(spec, Counter() if skipped is None else skipped)
     if not spec.has_input and (command in ("run", "index") or (command == "validate" and not spec.train.manifest)):
         problems.append(("input.paths", INPUT_REQUIRED + (f" for `reeltag {command}`" if command != "validate"
                                                           else "")))
@@ -85,13 +87,13 @@ def _model_directory_problems(pretrained: str) -> list[tuple[str, str]]:
     return [("model.pretrained", f"not a hub id (org/name) nor an existing directory: {pretrained}")]
 
 
-def _find_inputs(spec: PipelineSpec) -> tuple[list[str], list[tuple[str, str]]]:
+def _find_inputs(spec: PipelineSpec, skipped: Counter) -> tuple[list[str], list[tuple[str, str]]]:
     """The input videos (absolute paths or URIs), sorted, without duplicates, and a ``(key, message)`` for each
     input that names none. The one place inputs are listed (a recursive listing of a bucket can be slow)."""
     found, problems = set(), []
     for i, pattern in enumerate(spec.input.paths):
         try:
-            matched = expand(pattern, spec.input.extensions)
+            matched = expand(pattern, spec.input.extensions, skipped)
         except SourceError as e:
             problems.append((f"input.paths.{i}", str(e)))
             continue

@@ -87,3 +87,38 @@ def test_a_late_starting_stream_is_tagged_over_its_whole_duration(late_starts, k
     assert len(segments) == end["n_segments"] == int(index.end_s) >= 2
     assert segments[0]["start_s"] == 0.0 and index.end_s - segments[-1]["end_s"] < 1.0
     assert all(0 <= t < index.end_s for r in segments for t in r["frame_times_s"])
+
+
+def test_a_directory_yields_every_video_whatever_its_container(tmp_path):
+    """Broadcast (MXF, M2TS), camcorder (DV), phone (3GP) and legacy web (FLV) files, written by the ffmpeg CLI,
+    are all found in a directory and read from their first frame; what is not a video is counted, not hidden; a
+    symlink loop does not repeat a file."""
+    import os
+    from collections import Counter
+
+    from pipeline.config import parse_spec
+    from pipeline.validate import check_spec
+
+    made = {"broadcast.mxf": ["-c:v", "mpeg2video", "-b:v", "2M"], "bluray.m2ts": H264,
+            "camcorder.dv": ["-c:v", "dvvideo", "-s", "720x576", "-pix_fmt", "yuv420p"],
+            "phone.3gp": ["-c:v", "mpeg4", "-s", "176x144"], "web.flv": ["-c:v", "flv1"]}
+    root = tmp_path / "archive"
+    (root / "deeper").mkdir(parents=True)
+    for name, codec in made.items():
+        rate = ["-r", "25"] if name.endswith(".dv") else []
+        _ffmpeg(*SOURCE, "-t", "2", *rate, *codec, str(root / "deeper" / name))
+    (root / "notes.txt").write_text("not a video\n")
+    (root / ".DS_Store").write_bytes(b"\0\0")
+    os.symlink(root, root / "deeper" / "loop")  # a loop back to the top
+    spec = parse_spec(f"input: {{paths: ['{root}']}}\noutput: {{dir: '{tmp_path}/out'}}\n")
+    skipped: Counter = Counter()
+    videos = check_spec(spec, skipped=skipped)
+    assert sorted(os.path.basename(v) for v in videos) == sorted(made)
+    assert skipped == {".txt": 1, "hidden": 1}
+    spec = parse_spec(f"input: {{paths: ['{root}']}}\noutput: {{dir: '{tmp_path}/out'}}\n"
+                      "segments: {window_s: 1.0}\nsampling: {frames: 2}\n")
+    for video in videos:
+        info, index = probe(video)
+        assert index.times_s[0] == 0.0 and 1.8 <= index.end_s <= 2.2, (video, index.end_s)
+        *segments, end = decode_rows(video, spec, 64)
+        assert end["error_type"] == "" and len(segments) == 2, (video, end["message"])
