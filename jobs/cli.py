@@ -14,6 +14,7 @@ from pipeline.config import ConfigError, PipelineSpec, load_spec
 from pipeline.manifest import ManifestError
 from pipeline.synth import SPLITS, sample_clips, write_clips
 from pipeline.validate import check_spec, config_hash
+from pipeline.writer import OutputError, OutputInUse
 
 from .demo import run_demo
 from .report import ReportError, write_report
@@ -34,10 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reeltag", description="Tag video archives and find actions by text.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_config(sub.add_parser("validate", help="check a pipeline definition; print a one-line summary"))
-    _add_config(sub.add_parser("run", help="run a pipeline as a Ray batch job"))
+    for name, text in (("run", "run a pipeline as a Ray batch job"),
+                       ("index", "run the pipeline on new inputs only, then (re)build the search index")):
+        command = sub.add_parser(name, help=text)
+        _add_config(command)
+        command.add_argument("--wait", action="store_true",
+                             help="if another run holds output.dir, wait for it (default: exit 2 naming it)")
     _add_config(sub.add_parser("train", help="train the temporal head on train.manifest (resumes if interrupted)"))
     _add_config(sub.add_parser("eval", help="evaluate on train.eval_manifest: R@1/5/10, median rank, top-1, mAP"))
-    _add_config(sub.add_parser("index", help="run the pipeline on new inputs only, then (re)build the search index"))
     search = sub.add_parser("search", help="rank stored segments of an output directory for a text query")
     search.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
     search.add_argument("query", help='what to find, e.g. "a person opening a car door"')
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "eval"):
             check_spec(spec, command=args.command)
             return _train_or_eval(args.command, spec)
-        code = _run(spec, args.command)  # run_pipeline checks the spec itself (so the inputs are listed once)
+        # run_pipeline checks the spec itself (so the inputs are listed once)
+        code = _run(spec, args.command, wait=args.wait)
         if code == 0 and args.command == "index":
             index = build_index(spec.output.dir, config_hash(spec))
             print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
@@ -118,10 +124,11 @@ def _guarded(action: Callable[[], T], errors: Handled) -> tuple[int, T | None]:
         raise
 
 
-def _run(spec: PipelineSpec, command: str) -> int:
-    code, summary = _guarded(lambda: run_pipeline(spec, command=command), [
+def _run(spec: PipelineSpec, command: str, *, wait: bool = False) -> int:
+    code, summary = _guarded(lambda: run_pipeline(spec, command=command, wait=wait), [
         ((VocabularyError,), 2, "reeltag: invalid pipeline definition:\ntags.vocabulary: "),
-        ((JobError, ModelLoadError, RayStartError), 1, "reeltag: the job could not run: ")])
+        ((OutputInUse,), 2, "reeltag: "),
+        ((JobError, ModelLoadError, RayStartError, OutputError), 1, "reeltag: the job could not run: ")])
     if summary is not None:
         print(format_summary(summary))
     return code

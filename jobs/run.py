@@ -23,7 +23,7 @@ from pipeline.decode import video_id
 from pipeline.sources import stat
 from pipeline.stages import DecodeStage, EncodeStage
 from pipeline.validate import check_spec, config_hash, resolved
-from pipeline.writer import OutputWriter, read_table, write_actions
+from pipeline.writer import OutputWriter, output_lock, read_table, write_actions
 from temporal.files import write_text_atomic
 from temporal.localize import localize_videos
 
@@ -125,21 +125,39 @@ def _fmt_s(s: float) -> str:
     return "--" if s != s else f"{int(s) // 60}m{int(s) % 60:02d}s" if s >= 60 else f"{s:.0f}s"
 
 
-def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
+def run_pipeline(spec: PipelineSpec, *, command: str = "run", wait: bool = False) -> dict:
     """Run the pipeline over every input video not already finished in ``output.dir``; return run.json's data.
-    Raises ConfigError (on the driver, before anything starts) for a spec that :func:`check_spec` refuses."""
+    Raises ConfigError (on the driver, before anything starts) for a spec that :func:`check_spec` refuses, and
+    OutputInUse while another run holds ``output.dir`` (``wait``: wait for it instead)."""
     started = time.time()
     skipped: Counter = Counter()  # files of the inputs' directories that are not videos, by suffix
     videos = check_spec(spec, command=command, skipped=skipped)
     spec = resolved(spec)  # device and dtype: auto decided once, here: every worker computes what the hash says
     out = check_output_dir(spec.output.dir)
-    digest, model = config_hash(spec), spec.model_id()
-    prints = {uri: fingerprint(uri) for uri in videos}
-    save_config(out, spec, digest)
-    writer = OutputWriter(out, config_hash=digest, model=model, shard_rows=spec.output.shard_rows,
-                          fingerprints=prints)
-    finished = writer.finished()
-    todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in finished]
+    digest = config_hash(spec)
+    with output_lock(out, wait=wait):  # one writer per output directory
+        save_config(out, spec, digest)
+        prints = {uri: fingerprint(uri) for uri in videos}
+        writer = OutputWriter(out, config_hash=digest, model=spec.model_id(), shard_rows=spec.output.shard_rows,
+                              fingerprints=prints)
+        finished = writer.finished()
+        todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in finished]
+        _stream(spec, todo, writer)
+        actions = None
+        if spec.segments.localize and spec.tags.vocabulary:  # from the stored windows: no decoding, no model
+            windows = read_table(out, "segments", digest).select(["video_id", "uri", "start_s", "end_s", "tags"])
+            actions = write_actions(out, localize_videos(windows.to_pylist(), threshold=spec.tags.threshold),
+                                    config_hash=digest)
+        summary = _summary(writer, videos=videos, todo=todo, skipped=skipped, started=started)
+        if actions is not None:
+            summary["actions"] = actions
+            summary["outputs"]["actions"] = str(out / "actions")
+        write_text_atomic(out / "run.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _stream(spec: PipelineSpec, todo: list[str], writer: OutputWriter) -> None:
+    """Decode and encode ``todo`` on Ray, committing whole videos through ``writer`` as their rows stream in."""
     progress = Progress(total=len(todo))
     if todo:
         with ray_session(spec.ray) as ray:
@@ -162,27 +180,22 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run") -> dict:
                     progress.update(done, writer.segments)
         writer.flush()
     progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
-    actions = None
-    if spec.segments.localize and spec.tags.vocabulary:  # from the stored windows: no decoding, no model
-        windows = read_table(out, "segments", digest).select(["video_id", "uri", "start_s", "end_s", "tags"])
-        actions = write_actions(out, localize_videos(windows.to_pylist(), threshold=spec.tags.threshold),
-                                config_hash=digest)
-    wall = time.time() - started
-    summary = {
+
+
+def _summary(writer: OutputWriter, *, videos: list[str], todo: list[str], skipped: Counter,
+             started: float) -> dict:
+    """run.json's figures."""
+    wall, out = time.time() - started, writer.out_dir
+    return {
         "videos_total": len(videos), "videos_skipped": len(videos) - len(todo),
         "files_not_videos": dict(sorted(skipped.items())), "videos_ok": writer.videos_ok,
         "videos_failed": writer.videos_failed, "errors_by_type": dict(writer.errors_by_type),
         "segments": writer.segments, "wall_s": round(wall, 3),
         "segments_per_s": round(writer.segments / wall, 3) if wall > 0 else 0.0,
-        "config_hash": digest, "model": model, "videos_by_node": dict(writer.videos_by_node),
+        "config_hash": writer.config_hash, "model": writer.model, "videos_by_node": dict(writer.videos_by_node),
         "segments_by_encoder_node": dict(writer.segments_by_encoder_node),
         "outputs": {"segments": str(out / "segments"), "errors": str(out / "errors")},
     }
-    if actions is not None:
-        summary["actions"] = actions
-        summary["outputs"]["actions"] = str(out / "actions")
-    write_text_atomic(out / "run.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def save_config(out: Path, spec: PipelineSpec, config_hash: str) -> Path:

@@ -10,10 +10,17 @@ The manifest records each video's fingerprint (size, modification time), so a ch
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+import socket
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -108,14 +115,46 @@ def read_table(out_dir: str | Path, name: str, config_hash: str | None = None) -
     return table if config_hash is None else table.filter(pc.equal(table["config_hash"], config_hash))
 
 
+SCHEMAS = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA, "actions": ACTIONS_SCHEMA,
+           "manifest": MANIFEST_SCHEMA}
+SHARD_NAME = re.compile(r"part-[0-9a-f]{12}\.parquet")  # the only names reeltag writes (and removes) in a table
+TEMP_NAME = re.compile(r"\.part-[0-9a-f]{12}\.parquet\.tmp-\d+")  # a shard being written (temporal.files)
+
+
+def _shards(directory: Path) -> list[Path]:
+    """reeltag's shards in ``directory``, by name; anything else there (someone's file, a subdirectory) is not."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if SHARD_NAME.fullmatch(p.name) and p.is_file()
+                  and not p.is_symlink())
+
+
+def _read_shard(path: Path, schema: pa.Schema) -> pa.Table | None:
+    """The shard, or None with a one-line warning when it cannot be read (empty after a power cut, damaged)."""
+    try:
+        return pq.read_table(path, schema=schema)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        print(f"reeltag: warning: skipping unreadable shard {path}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None
+
+
+def _readable(path: Path) -> bool:
+    """Whether the shard's Parquet footer reads (it does not, when a power cut left it empty or short)."""
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def _read_table(out_dir: Path, name: str) -> pa.Table:
-    schema = {"segments": SEGMENTS_SCHEMA, "errors": ERRORS_SCHEMA, "actions": ACTIONS_SCHEMA,
-              "manifest": MANIFEST_SCHEMA}[name]
+    schema = SCHEMAS[name]
     if name == "actions":
-        files = sorted((out_dir / name).glob("*.parquet"))
-        return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
-    manifest = {f.name: pq.read_table(f, schema=MANIFEST_SCHEMA)
-                for f in sorted((out_dir / "manifest").glob("*.parquet"))}
+        files = [f for f in sorted((out_dir / name).glob("*.parquet")) if f.is_file()]
+        tables = [t for t in (_read_shard(f, schema) for f in files) if t is not None]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
+    manifest = {f.name: t for f in _shards(out_dir / "manifest")
+                if (t := _read_shard(f, MANIFEST_SCHEMA)) is not None}
     if name == "manifest":
         return pa.concat_tables(manifest.values()) if manifest else schema.empty_table()
     latest: dict[tuple, tuple[float, str]] = {}
@@ -126,12 +165,45 @@ def _read_table(out_dir: Path, name: str) -> pa.Table:
     tables = []
     for shard in manifest:
         path = out_dir / name / shard
-        if path.exists():
-            table = pq.read_table(path, schema=schema)
+        table = _read_shard(path, schema) if path.is_file() else None
+        if table is not None:
             keep = [latest[(v, c)][1] == shard for v, c in zip(table["video_id"].to_pylist(),
                                                                table["config_hash"].to_pylist())]
             tables.append(table.filter(pa.array(keep, pa.bool_())))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+class OutputError(RuntimeError):
+    """An output directory reeltag cannot write safely (in use by another run, a symlinked table directory)."""
+
+
+class OutputInUse(OutputError):
+    """Another reeltag run holds the output directory's lock."""
+
+
+LOCK_FILE = ".reeltag.lock"
+
+
+@contextmanager
+def output_lock(out_dir: str | Path, *, wait: bool = False) -> Iterator[Path]:
+    """Hold ``output.dir``'s lock: one writer at a time. An exclusive ``flock`` on ``output.dir/.reeltag.lock``,
+    which the kernel drops when its holder exits, however (a SIGKILLed run's lock is free again at once). Without
+    ``wait``, a held lock is :class:`OutputInUse` naming its holder."""
+    out_dir = Path(out_dir)
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "another process"
+            raise OutputInUse(f"output.dir {out_dir} is in use by {holder}: let it finish, or pass --wait to wait "
+                              "for it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"reeltag pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield out_dir
+    finally:
+        os.close(fd)
 
 
 class OutputWriter:
@@ -142,6 +214,8 @@ class OutputWriter:
         self.out_dir, self.config_hash, self.model, self.shard_rows = Path(out_dir), config_hash, model, shard_rows
         self.fingerprints = fingerprints or {}  # uri -> size:mtime_ns
         for name in ("segments", "errors", "manifest"):
+            if (self.out_dir / name).is_symlink():  # never followed out of output.dir
+                raise OutputError(f"{self.out_dir / name} is a symlink: reeltag writes only inside output.dir")
             (self.out_dir / name).mkdir(parents=True, exist_ok=True)
         self._remove_uncommitted()
         self._rows: dict[str, list[dict]] = defaultdict(list)  # video_id -> its rows so far
@@ -154,12 +228,31 @@ class OutputWriter:
         self.segments_by_encoder_node: dict[str, int] = defaultdict(int)
 
     def _remove_uncommitted(self) -> None:
-        """Shards (and temporary files) a killed run left without their manifest shard: never read, now gone."""
-        committed = {f.name for f in (self.out_dir / "manifest").glob("*.parquet")}
+        """Put away what a killed run or a power cut left: its temporary files and the shards without a manifest
+        shard (never read) are removed; an unreadable shard is moved to ``quarantine/`` with its manifest shard,
+        so its videos are done again. Only files with reeltag's own shard names are touched."""
         for name in ("segments", "errors", "manifest"):
             for f in (self.out_dir / name).iterdir():
-                if f.name.startswith(".") or (name != "manifest" and f.name not in committed):
+                if TEMP_NAME.fullmatch(f.name) and f.is_file() and not f.is_symlink():
                     f.unlink()
+        for name in ("manifest", "segments", "errors"):
+            for f in _shards(self.out_dir / name):
+                if not _readable(f):
+                    self._quarantine(f.name)
+        committed = {f.name for f in _shards(self.out_dir / "manifest")}
+        for name in ("segments", "errors"):
+            for f in _shards(self.out_dir / name):
+                if f.name not in committed:
+                    f.unlink()
+
+    def _quarantine(self, shard: str) -> None:
+        for name in ("manifest", "segments", "errors"):
+            path = self.out_dir / name / shard
+            if path.is_file():
+                (self.out_dir / "quarantine" / name).mkdir(parents=True, exist_ok=True)
+                os.replace(path, self.out_dir / "quarantine" / name / shard)
+        print(f"reeltag: warning: shard {shard} could not be read; moved to {self.out_dir / 'quarantine'}, its "
+              "videos are done again", file=sys.stderr)
 
     def finished(self) -> set[tuple[str, str]]:
         """(video id, fingerprint) pairs committed for this config."""

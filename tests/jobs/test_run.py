@@ -116,3 +116,16 @@ def test_job_that_cannot_run_exits_1_with_a_clear_message(config, tmp_path):
     (tmp_path / "empty-model").mkdir()
     result = reeltag("run", config, "--set", f"model.pretrained={tmp_path}/empty-model")
     assert result.returncode == 1 and "cannot load the clip checkpoint" in result.stderr
+
+
+def test_a_second_run_into_a_held_output_dir_exits_2_naming_the_holder(config, tmp_path):
+    from pipeline.writer import output_lock
+
+    out = tmp_path / "held"
+    out.mkdir()
+    with output_lock(out):
+        result = reeltag("run", config, "--set", f"output.dir={out}")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"reeltag: output.dir {out} is in use by reeltag pid ") and "--wait" in line
+    assert not (out / "segments").exists()  # nothing was touched

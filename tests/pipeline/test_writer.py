@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_spec
 from pipeline.stages import decode_rows
 from pipeline.writer import STREAM_SCHEMA, OutputWriter, latest_config, read_table, write_actions
 from temporal.localize import localize_videos
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _segment(vid, i, start, end, tags):
@@ -68,12 +73,18 @@ def test_a_killed_runs_uncommitted_shards_are_never_read_and_are_removed(tmp_pat
     writer.flush()
     committed = next((tmp_path / "segments").glob("*.parquet")).name
     # a kill between the segments shard and its manifest shard leaves an orphan (and maybe a temporary file)
-    orphan = tmp_path / "segments" / "part-orphan.parquet"
+    orphan = tmp_path / "segments" / "part-0123456789ab.parquet"
     orphan.write_bytes((tmp_path / "segments" / committed).read_bytes())
-    (tmp_path / "segments" / ".part-x.parquet.tmp").write_bytes(b"half")
+    (tmp_path / "segments" / ".part-0123456789ab.parquet.tmp-4242").write_bytes(b"half")
+    # and what reeltag never wrote: someone's notes, a folder, a file merely named like a shard
+    theirs = ["notes.txt", "part-orphan.parquet", ".hidden"]
+    for name in theirs:
+        (tmp_path / "segments" / name).write_text("not ours\n")
+    (tmp_path / "segments" / "drafts").mkdir()
     assert read_table(tmp_path, "segments").num_rows == 1
-    OutputWriter(tmp_path, config_hash="h", model="m")  # the next run starts by removing them
-    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == [committed]
+    OutputWriter(tmp_path, config_hash="h", model="m")  # the next run starts by removing ours
+    assert sorted(p.name for p in (tmp_path / "segments").iterdir()) == sorted([committed, "drafts", *theirs])
+    assert read_table(tmp_path, "segments").num_rows == 1
 
 
 def test_a_re_done_video_is_read_from_its_latest_commit_only(tmp_path):
@@ -97,3 +108,56 @@ def test_readers_can_take_the_latest_configs_rows_only(tmp_path):
     assert read_table(tmp_path, "segments").num_rows == 2
     assert latest_config(tmp_path) == ("new", "m-new")
     assert read_table(tmp_path, "segments", "new")["config_hash"].to_pylist() == ["new"]
+
+
+def test_an_unreadable_shard_is_quarantined_and_its_videos_done_again(tmp_path, capsys):
+    """A power cut after the rename leaves a zero-length manifest shard: readers skip it with a warning (was an
+    ArrowInvalid traceback in run, report and search), and the next run moves it away so its video is redone."""
+    writer = OutputWriter(tmp_path, config_hash="h", model="m")
+    for vid in ("a", "b"):
+        writer.add(pa.Table.from_pylist([_segment(vid, 0, 0, 2, {}), _end(vid, 1)], schema=STREAM_SCHEMA))
+        writer.flush()
+    shards = sorted((tmp_path / "manifest").glob("*.parquet"))
+    lost = pq.read_table(shards[0])["video_id"][0].as_py()
+    shards[0].write_bytes(b"")
+    assert read_table(tmp_path, "segments").num_rows == 1 and "skipping unreadable shard" in capsys.readouterr().err
+    again = OutputWriter(tmp_path, config_hash="h", model="m")
+    assert {v for v, _ in again.finished()} == {"a", "b"} - {lost}
+    assert (tmp_path / "quarantine" / "manifest" / shards[0].name).exists()
+    assert not (tmp_path / "segments" / shards[0].name).exists()  # its rows left with it
+
+
+def test_one_writer_per_output_directory_and_a_killed_holder_frees_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.writer import OutputInUse, output_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.writer import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputInUse, match=rf"in use by reeltag pid {holder.pid} on "):
+            with output_lock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with output_lock(tmp_path):  # the kernel dropped the dead holder's lock
+        pass
+
+
+def test_a_symlinked_table_directory_is_refused(tmp_path):
+    from pipeline.writer import OutputError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.parquet").write_text("someone's\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "segments").symlink_to(elsewhere)
+    with pytest.raises(OutputError, match="is a symlink"):
+        OutputWriter(out, config_hash="h", model="m")
+    assert (elsewhere / "keep.parquet").read_text() == "someone's\n"
