@@ -15,6 +15,7 @@ from pipeline.manifest import ManifestError
 from pipeline.synth import SPLITS, sample_clips, write_clips
 from pipeline.validate import check_spec, config_hash
 from pipeline.writer import OutputError, OutputInUse
+from temporal.checkpoint import CheckpointError
 
 from .demo import run_demo
 from .report import ReportError, write_report
@@ -41,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         _add_config(command)
         command.add_argument("--wait", action="store_true",
                              help="if another run holds output.dir, wait for it (default: exit 2 naming it)")
-    _add_config(sub.add_parser("train", help="train the temporal head on train.manifest (resumes if interrupted)"))
+    train = sub.add_parser("train", help="train the temporal head on train.manifest (resumes if interrupted)")
+    _add_config(train)
+    train.add_argument("--restart", action="store_true",
+                       help="start afresh, replacing a checkpoint in output.dir (default: resume the same job, "
+                            "refuse another's)")
     _add_config(sub.add_parser("eval", help="evaluate on train.eval_manifest: R@1/5/10, median rank, top-1, mAP"))
     search = sub.add_parser("search", help="rank stored segments of an output directory for a text query")
     search.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("train", "eval"):
             check_spec(spec, command=args.command)
-            return _train_or_eval(args.command, spec)
+            return _train_or_eval(args.command, spec, restart=getattr(args, "restart", False))
         # run_pipeline checks the spec itself (so the inputs are listed once)
         code = _run(spec, args.command, wait=args.wait)
         if code == 0 and args.command == "index":
@@ -152,9 +157,9 @@ def _report(args: argparse.Namespace) -> int:
     return code
 
 
-def _train_or_eval(command: str, spec: PipelineSpec) -> int:
-    code, result = _guarded(lambda: run_train(spec) if command == "train" else run_eval(spec), [
-        ((ManifestError, TrainError), 2, f"reeltag {command}: "),
+def _train_or_eval(command: str, spec: PipelineSpec, *, restart: bool = False) -> int:
+    code, result = _guarded(lambda: run_train(spec, restart=restart) if command == "train" else run_eval(spec), [
+        ((ManifestError, TrainError, CheckpointError), 2, f"reeltag {command}: "),
         ((ModelLoadError,), 1, f"reeltag {command}: the job could not run: ")])
     if result is None:
         return code

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -25,11 +26,11 @@ from encoders.video_text import VideoTextModel, create_model, decode_short_side
 from pipeline.config import PipelineSpec
 from pipeline.decode import DecodeError, decode_span
 from pipeline.manifest import LabelledClip, read_manifest
-from temporal.checkpoint import META_FILE, HeadShape, recover_checkpoint
+from temporal.checkpoint import META_FILE, CheckpointError, HeadShape, read_meta, recover_checkpoint
 from temporal.files import atomic_path, write_text_atomic
 from temporal.metrics import mean_average_precision, retrieval, top1
 from temporal.pooling import AttentionPooling
-from temporal.train import ClipEmbeddings, ClipPixels, HeadTask, ModelTask, embed_clips, fit
+from temporal.train import ClipEmbeddings, ClipPixels, HeadTask, ModelTask, embed_clips, fit, job_changes, job_of
 
 Log = Callable[[dict], None]
 Cached = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # values [N,T,...], times [N,T], which clips decoded [N]
@@ -166,12 +167,33 @@ def _log_to(path: Path) -> Log:
     return log
 
 
-def run_train(spec: PipelineSpec) -> dict:
-    """Train what ``train.backbone`` says on ``train.manifest``; write ``train.json`` and return it."""
+def job_identity(spec: PipelineSpec) -> dict:
+    """What, besides the hyperparameters, makes a training run the same job: the clips (the manifests' content),
+    the model it starts from, the views and frames it sees, the prompts labels are embedded with."""
+    def digest(path: str | None) -> str | None:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
+
+    return {"manifest": digest(spec.train.manifest), "eval_manifest": digest(spec.train.eval_manifest),
+            "model": spec.model_id(), "views": spec.tower.view_levels, "fusion": spec.tower.fusion,
+            "frames": spec.sampling.frames, "prompts": list(spec.tags.prompts)}
+
+
+def run_train(spec: PipelineSpec, *, restart: bool = False) -> dict:
+    """Train what ``train.backbone`` says on ``train.manifest``; write ``train.json`` and return it. An interrupted
+    run of the same job resumes; a checkpoint of another job is refused unless ``restart`` (then it is replaced)."""
     if not spec.train.manifest:
         raise TrainError("train.manifest is not set: point it at a .jsonl/.csv of labelled clips")
     out = Path(spec.output.dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / ("head" if spec.train.backbone == "frozen" else "model")
+    if restart:  # reeltag's own checkpoint directories; the decoded-clip cache stays
+        for name in ("head", "model", "model.old", "model.tmp"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    elif (recover_checkpoint(checkpoint) / META_FILE).exists():  # before any decoding: refuse another job's
+        changed = job_changes(read_meta(checkpoint)["settings"], job_of(spec.train, job_identity(spec)))
+        if changed:
+            raise CheckpointError(f"{checkpoint} holds a checkpoint of another job ({', '.join(changed)} changed): "
+                                  "train it afresh with --restart, or set another output.dir")
     log = _log_to(out / "train_log.jsonl")
     torch.manual_seed(spec.train.seed)
     started = time.monotonic()
@@ -188,7 +210,8 @@ def _train_head(spec: PipelineSpec, out: Path, log: Log) -> dict:
     tr, fuse = spec.train, model.tower.fuse  # the fusion trains with the head and is saved in its checkpoint
     data = load_clips(spec, model, tr.manifest, log=log)
     held_out = load_clips(spec, model, tr.eval_manifest, log=log) if tr.eval_manifest else None
-    task = HeadTask(data, HeadShape(dim=data.frames.shape[-1], heads=tr.heads, layers=tr.layers), tr, fuse=fuse)
+    task = HeadTask(data, HeadShape(dim=data.frames.shape[-1], heads=tr.heads, layers=tr.layers), tr, fuse=fuse,
+                    job=job_identity(spec))
     fit(task, tr, checkpoint_dir=out / "head", log=log,
         evaluate=(lambda: _val(evaluate(task.head, held_out.fused(fuse)))) if held_out else None)
     summary = {"clips": len(data.frames), "texts": len(data.text), "checkpoint": str(out / "head"),
@@ -230,7 +253,8 @@ def _train_model(spec: PipelineSpec, out: Path, log: Log) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     data, texts = _pixel_clips(spec, tr.manifest, encoder.preprocess_cfg, log=log)
     held_out = _pixel_clips(spec, tr.eval_manifest, encoder.preprocess_cfg, log=log) if tr.eval_manifest else None
-    task = ModelTask(encoder, data, texts, HeadShape(dim=encoder.embed_dim, heads=tr.heads, layers=tr.layers), tr)
+    task = ModelTask(encoder, data, texts, HeadShape(dim=encoder.embed_dim, heads=tr.heads, layers=tr.layers), tr,
+                     job=job_identity(spec))
     fit(task, tr, checkpoint_dir=checkpoint, log=log,
         evaluate=(lambda: _val(_pixel_metrics(encoder, task.head, *held_out))) if held_out else None)
     sample = torch.randperm(len(data.pixels), generator=torch.Generator().manual_seed(0))[:1000]

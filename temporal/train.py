@@ -25,9 +25,11 @@ from einops import rearrange
 
 from .checkpoint import (
     META_FILE,
+    CheckpointError,
     HeadShape,
     load_checkpoint,
     load_fusion,
+    read_meta,
     recover_checkpoint,
     restore_optimizer,
     save_checkpoint,
@@ -117,9 +119,16 @@ def text_bank(groups: torch.Tensor, n_texts: int) -> tuple[torch.Tensor, torch.T
     return groups.unique(return_inverse=True)  # open captions: the batch's own texts, as CLIP
 
 
-def hyperparameters(settings: TrainSpec) -> dict:
-    """What a checkpoint records of how it was trained."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("manifest", "eval_manifest")}
+def job_of(settings: TrainSpec, data: dict | None = None) -> dict:
+    """What a checkpoint records of the job that trained it: the hyperparameters and ``data`` (what the caller
+    says identifies the clips and model: digests, names). A run resumes a checkpoint only of the same job."""
+    hyper = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("manifest", "eval_manifest")}
+    return {**hyper, **(data or {})}
+
+
+def job_changes(recorded: dict, job: dict) -> list[str]:
+    """The keys in which two jobs differ; more epochs is the same job, trained longer."""
+    return sorted(k for k in set(recorded) | set(job) if k != "epochs" and recorded.get(k) != job.get(k))
 
 
 class Task(Protocol):
@@ -127,6 +136,7 @@ class Task(Protocol):
 
     clips: int  # training clips
     schedule: bool  # warm-up + cosine learning rate (True) or a constant one
+    job: dict  # what identifies the job (job_of): saved with each checkpoint, compared when resuming
 
     def param_groups(self, settings: TrainSpec) -> list[dict]: ...
     def loss(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
@@ -142,8 +152,10 @@ class HeadTask:
     schedule = False
 
     def __init__(self, data: ClipEmbeddings, shape: HeadShape, settings: TrainSpec, *,
-                 fuse: torch.nn.Module | None = None, init_logit_scale: float = math.log(1 / 0.07)):
+                 fuse: torch.nn.Module | None = None, init_logit_scale: float = math.log(1 / 0.07),
+                 job: dict | None = None):
         self.data, self.shape, self.settings, self.fuse = data, shape, settings, fuse
+        self.job = job_of(settings, job)
         self.head = shape.build()
         self.log_scale = torch.nn.Parameter(torch.tensor(init_logit_scale))
         self.clips = len(data.frames)
@@ -183,7 +195,7 @@ class HeadTask:
     def save(self, directory: Path, epoch: int, optimizer: torch.optim.Optimizer | None) -> None:
         levels = None if self.fuse is None else self.data.view_levels.tolist()
         save_checkpoint(directory, self.head, self.shape, self.log_scale, epoch=epoch,
-                        settings=hyperparameters(self.settings), optimizer=optimizer, fuse=self.fuse,
+                        settings=self.job, optimizer=optimizer, fuse=self.fuse,
                         view_levels=levels)
 
 
@@ -197,8 +209,9 @@ class ModelTask:
     schedule = True
 
     def __init__(self, encoder: ImageEncoder, data: ClipPixels, texts: list[str], shape: HeadShape,
-                 settings: TrainSpec):
+                 settings: TrainSpec, *, job: dict | None = None):
         self.encoder, self.data, self.texts, self.shape, self.settings = encoder, data, texts, shape, settings
+        self.job = job_of(settings, job)
         self.head = shape.build()
         self.clips = len(data.pixels)
 
@@ -244,7 +257,7 @@ class ModelTask:
         shutil.rmtree(tmp, ignore_errors=True)
         self.encoder.save_pretrained(tmp)
         save_checkpoint(tmp, self.head, self.shape, self.encoder.model.logit_scale, epoch=epoch,
-                        settings=hyperparameters(self.settings), optimizer=optimizer)
+                        settings=self.job, optimizer=optimizer)
         swap_in(tmp, directory)
 
 
@@ -301,6 +314,10 @@ def fit(task: Task, settings: TrainSpec, *, checkpoint_dir: str | Path, log: Cal
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     start = 0
     if (checkpoint_dir / META_FILE).exists():
+        changed = job_changes(read_meta(checkpoint_dir)["settings"], task.job)
+        if changed:
+            raise CheckpointError(f"{checkpoint_dir} holds a checkpoint of another job ({', '.join(changed)} "
+                                  "changed): train it afresh with --restart, or set another output.dir")
         meta, opt = task.load(checkpoint_dir)
         restore_optimizer(optimizer, meta, opt)
         start = meta["epoch"]

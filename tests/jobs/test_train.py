@@ -72,6 +72,10 @@ def test_reeltag_train_learns_order_that_mean_pooling_cannot_see(motion_set):
     assert evaluated.returncode == 0 and json.loads((root / "out" / "eval.json").read_text())["top1"] >= 0.95
     log = [json.loads(line) for line in (root / "out" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["epoch"] == 60
+    # the same output.dir with other clips is another job: refused in one line, before decoding anything
+    other = reeltag("train", config, "--set", f"train.manifest={root / 'val' / 'labels.jsonl'}")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert "holds a checkpoint of another job (manifest changed)" in other.stderr and "--restart" in other.stderr
 
     # the trained head loads through temporal.checkpoint in a tagging pipeline, and tags the motion right
     vocab = root / "motions.txt"

@@ -194,3 +194,20 @@ def test_a_checkpoint_swap_interrupted_anywhere_is_recovered(tmp_path):
     (new / "w").write_text("epoch 2")
     swap_in(new, final)
     assert (final / "w").read_text() == "epoch 2" and not old.exists() and not new.exists()
+
+
+def test_a_checkpoint_resumes_only_the_same_job(tmp_path):
+    """More epochs is the same job, trained longer; other data or other hyperparameters are another job, refused
+    (a changed manifest used to report success and train nothing; changed layers died in load_state_dict)."""
+    from temporal.checkpoint import CheckpointError
+
+    data, settings = _data(), TrainSpec(epochs=1, batch_size=8)
+    fit(HeadTask(data, HeadShape(dim=16), settings, job={"manifest": "aaa"}), settings, checkpoint_dir=tmp_path,
+        log=lambda r: None)
+    longer = TrainSpec(epochs=2, batch_size=8)
+    fit(HeadTask(data, HeadShape(dim=16), longer, job={"manifest": "aaa"}), longer, checkpoint_dir=tmp_path,
+        log=lambda r: None)
+    for job, other in (({"manifest": "bbb"}, longer), ({"manifest": "aaa"}, TrainSpec(epochs=3, layers=2))):
+        with pytest.raises(CheckpointError, match="another job"):
+            fit(HeadTask(data, HeadShape(dim=16, layers=other.layers), other, job=job), other,
+                checkpoint_dir=tmp_path, log=lambda r: None)
