@@ -133,7 +133,8 @@ def _run(spec: PipelineSpec, command: str, *, wait: bool = False) -> int:
     code, summary = _guarded(lambda: run_pipeline(spec, command=command, wait=wait), [
         ((VocabularyError,), 2, "reeltag: invalid pipeline definition:\ntags.vocabulary: "),
         ((OutputInUse,), 2, "reeltag: "),
-        ((JobError, ModelLoadError, RayStartError, OutputError), 1, "reeltag: the job could not run: ")])
+        ((JobError, ModelLoadError, RayStartError, OutputError), 1, "reeltag: the job could not run: "),
+        ((OSError,), 1, "reeltag: the job could not write its output (what was committed is kept): ")])
     if summary is not None:
         print(format_summary(summary))
     return code

@@ -54,7 +54,7 @@ def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
     stamp = hashlib.sha256(json.dumps([config_hash, shards]).encode()).hexdigest()[:16]
     directory = out / "index" / config_hash
     meta_path = directory / "meta.json"
-    if not meta_path.exists() or json.loads(meta_path.read_text()).get("stamp") != stamp:
+    if _meta(meta_path).get("stamp") != stamp:  # missing, stale or unreadable: the index is rebuilt
         segments = read_table(out, "segments", config_hash)
         if segments.num_rows == 0:
             raise SearchError(f"{out}: no segments for config {config_hash}")
@@ -67,10 +67,19 @@ def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
                 np.save(f, array)
         write_atomic(segments.select(["video_id", "uri", "segment_id", "start_s", "end_s"]), directory / "rows.parquet")
         write_text_atomic(meta_path, json.dumps({"stamp": stamp, "model": model, "rows": len(emb)}))
-    meta = json.loads(meta_path.read_text())
+    meta = _meta(meta_path)
     return Index(np.load(directory / "embeddings.npy", mmap_mode="r"),
                  np.load(directory / "embeddings_bf16.npy", mmap_mode="r"),
                  pq.read_table(directory / "rows.parquet"), meta["model"], config_hash)
+
+
+def _meta(path: Path) -> dict:
+    """The index's meta.json, or {} when it is missing or unreadable (a truncated one is rebuilt, not fatal)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def score(index: Index, query: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:

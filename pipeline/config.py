@@ -12,6 +12,7 @@ directory on a cluster).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -42,6 +43,11 @@ def _check(fn, message: str) -> dict:
     return {"check": (fn, message)}
 
 
+def _up_to(limit: float) -> dict:
+    """Field metadata: a positive value of at most ``limit`` (a value past it would explode the work of a run)."""
+    return _check(lambda v: 0 < v <= limit, f"must be > 0 and at most {limit:g}, got {{got}}")
+
+
 _POSITIVE = _check(lambda v: v > 0, "must be > 0, got {got}")
 _NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0, got {got}")
 _FRACTION = _check(lambda v: 0 < v < 1, "must be between 0 and 1, got {got}")
@@ -49,12 +55,15 @@ _OVERLAP = _check(lambda v: 0 <= v < 0.5, "must be in [0, 0.5), got {got}")
 # A field (or a whole section) marked so does not change a segment row: config_hash leaves it out, so changing it
 # never redoes finished videos. Every other field is hashed.
 _SAME_ROWS = {"output": False}
+_PATH = {"path": True}  # a path: a leading ~ is the user's home, as in a shell (not a directory named ~)
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    paths: tuple[str, ...] = ()  # video files, directories (recursive), globs, or filesystem URIs (s3://...)
-    manifest: str | None = None  # a list of video URIs (.txt one per line, .jsonl/.csv with a uri field)
+    # video files, directories (recursive), globs, or filesystem URIs (s3://...)
+    paths: tuple[str, ...] = field(default=(), metadata=_PATH)
+    # a list of video URIs (.txt one per line, .jsonl/.csv with a uri field)
+    manifest: str | None = field(default=None, metadata=_PATH)
     extensions: tuple[str, ...] = VIDEO_EXTENSIONS  # file suffixes picked up from directories and globs
 
 
@@ -63,11 +72,11 @@ class DecodeSpec:
     backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: Decord, PyAV when Decord cannot open or read a file
     short_side_px: int | None = field(default=None, metadata=_POSITIVE)  # decoded short side, px; null: from tower
     exact: bool = True  # false: skip non-reference frames and take the nearest decoded frame (faster, coarser)
-    threads: int = field(default=1, metadata={**_POSITIVE, **_SAME_ROWS})  # decoder threads per decode task
+    threads: int = field(default=1, metadata={**_up_to(256), **_SAME_ROWS})  # decoder threads per decode task
     # a decode making no progress this long is ended, seconds
-    timeout_s: float = field(default=120.0, metadata={**_POSITIVE, **_SAME_ROWS})
+    timeout_s: float = field(default=120.0, metadata={**_up_to(86400), **_SAME_ROWS})
     # segments decoded (and held in memory) at a time
-    chunk_segments: int = field(default=16, metadata={**_POSITIVE, **_SAME_ROWS})
+    chunk_segments: int = field(default=16, metadata={**_up_to(4096), **_SAME_ROWS})
     # videos per decoder process before a fresh one
     recycle_after: int = field(default=100, metadata={**_POSITIVE, **_SAME_ROWS})
 
@@ -93,9 +102,9 @@ class SegmentsSpec:
 @dataclass(frozen=True)
 class SamplingSpec:
     strategy: Literal["uniform", "fps", "tsn"] = "uniform"  # uniform: evenly, centred; fps: at target_fps; tsn: random
-    frames: int = field(default=8, metadata=_POSITIVE)  # frames per segment (uniform, tsn)
-    target_fps: float = field(default=2.0, metadata=_POSITIVE)  # fps: frames per second of video
-    max_frames: int = field(default=32, metadata=_POSITIVE)  # fps: at most this many frames per segment
+    frames: int = field(default=8, metadata=_up_to(512))  # frames per segment (uniform, tsn)
+    target_fps: float = field(default=2.0, metadata=_up_to(1000))  # fps: frames per second of video
+    max_frames: int = field(default=32, metadata=_up_to(2048))  # fps: at most this many frames per segment
     seed: int = 0  # tsn: random draws are fixed by (seed, video, segment)
 
 
@@ -126,7 +135,7 @@ class TowerSpec:
 class ModelSpec:
     family: Literal["clip", "align"] = "clip"  # model family of the checkpoint
     # Hugging Face hub id (org/name) or a local checkpoint directory (see pipeline.validate.is_local_model)
-    pretrained: str = "openai/clip-vit-base-patch32"
+    pretrained: str = field(default="openai/clip-vit-base-patch32", metadata=_PATH)
     local_files_only: bool = field(default=False, metadata=_SAME_ROWS)  # never contact the hub (air-gapped clusters)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs and bf16 CPUs, else fp32
     # auto: cuda when the encoder worker has a GPU. Hashed as the device it resolves to (worker_device): CUDA
@@ -143,13 +152,16 @@ class ModelSpec:
 @dataclass(frozen=True)
 class TemporalSpec:
     pooling: Literal["mean", "attention"] = "mean"  # how frame embeddings become one segment embedding
-    checkpoint: str | None = None  # a head trained by `reeltag train` (its directory); attention pooling only
+    # a head trained by `reeltag train` (its directory); attention pooling only
+    checkpoint: str | None = field(default=None, metadata=_PATH)
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    manifest: str | None = None  # labelled clips for `reeltag train` (.jsonl/.csv: uri, start_s, end_s, caption|label)
-    eval_manifest: str | None = None  # held-out labelled clips for validation and `reeltag eval`
+    # labelled clips for `reeltag train` (.jsonl/.csv: uri, start_s, end_s, caption|label)
+    manifest: str | None = field(default=None, metadata=_PATH)
+    # held-out labelled clips for validation and `reeltag eval`
+    eval_manifest: str | None = field(default=None, metadata=_PATH)
     # frozen: train the temporal head on cached frame embeddings; finetune: the whole model (from model.pretrained's
     # weights) and the head end to end; scratch: the same from fresh weights (model.pretrained gives the
     # architecture, tokenizer and preprocessing only)
@@ -175,9 +187,10 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class TagsSpec:
-    vocabulary: str | None = None  # label file, one label per line ('#' comments); null: embeddings only
+    # label file, one label per line ('#' comments); null: embeddings only
+    vocabulary: str | None = field(default=None, metadata=_PATH)
     prompts: tuple[str, ...] = ("a video of {}.",)  # prompt templates, each with one {} for the label
-    top_k: int = field(default=5, metadata=_POSITIVE)  # tags kept per segment, best first
+    top_k: int = field(default=5, metadata=_up_to(10_000))  # tags kept per segment, best first
     # localize: confidence at which a window is an action (hashed: it changes the actions table)
     threshold: float = field(default=0.5, metadata=_FRACTION)
 
@@ -191,7 +204,7 @@ class TagsSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    dir: str = ""  # output directory (segments/, errors/, run.json); required
+    dir: str = field(default="", metadata=_PATH)  # output directory (segments/, errors/, run.json); required
     shard_rows: int = field(default=4096, metadata=_POSITIVE)  # segment rows buffered before a shard is written
 
     def __post_init__(self):
@@ -204,7 +217,7 @@ class RaySpec:
     address: str | None = None  # null: start an embedded local Ray; 'auto' or host:port: join a cluster
     num_cpus: int | None = field(default=None, metadata=_POSITIVE)  # CPUs of the embedded Ray; null: all
     decode_cpus: float = field(default=1.0, metadata=_POSITIVE)  # CPUs reserved per decode task
-    encoder_actors: int = field(default=1, metadata=_POSITIVE)  # encoder actors (each loads the model once)
+    encoder_actors: int = field(default=1, metadata=_up_to(4096))  # encoder actors (each loads the model once)
     encoder_cpus: float = field(default=1.0, metadata=_POSITIVE)  # CPUs reserved per encoder actor
     threads_per_actor: int = field(default=1, metadata=_POSITIVE)  # torch threads in each encoder actor
     gpus_per_actor: float = field(default=0.0, metadata=_NON_NEGATIVE)  # GPUs per encoder actor
@@ -256,13 +269,25 @@ class _FieldProblem(Exception):
 # Loading: YAML text -> plain data with a source location per key path -> dataclasses
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a pipeline definition is a page of YAML, not a data file
+MAX_CONFIG_VALUES = 10_000  # keys and items, aliases expanded: a 342-byte alias bomb expands to millions
+MAX_CONFIG_DEPTH = 32  # nesting levels
+
+
 def load_spec(path: str | os.PathLike, overrides: list[str] = ()) -> PipelineSpec:
     """Read a pipeline YAML file, apply ``--set key.path=value`` overrides, validate; raise ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise ConfigError([f"{path}: cannot read the config: {e.strerror or e}"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: {len(data):,} bytes: a pipeline definition is at most {MAX_CONFIG_BYTES:,}"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})"]) from None
     return parse_spec(text, source=str(path), overrides=overrides)
 
 
@@ -278,13 +303,18 @@ def parse_spec(text: str, *, source: str = "<string>", overrides: list[str] = ()
 
 
 def _read_yaml(text: str, source: str) -> tuple[dict, dict[tuple, str]]:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{source}: {len(text):,} characters: a pipeline definition is at most "
+                           f"{MAX_CONFIG_BYTES:,}"])
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError([f"{source}{line}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: nested deeper than YAML can be read (at most {MAX_CONFIG_DEPTH} levels)"]) \
+            from None
     if root is None:
         return {}, {(): source}
     if not isinstance(root, yaml.MappingNode):
@@ -293,12 +323,25 @@ def _read_yaml(text: str, source: str) -> tuple[dict, dict[tuple, str]]:
     problems: list[str] = []
     _index_lines(root, (), source, where, problems)
     if problems:
-        raise ConfigError(problems)
-    return data, where
+        raise ConfigError(problems[:20])
+    try:
+        return yaml.safe_load(text), where  # now known to be small: its aliases expand to few values
+    except yaml.YAMLError as e:  # a tag safe_load has no constructor for: nothing in a config runs code
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError([f"{source}{line}: not valid YAML: {getattr(e, 'problem', None) or e}"]) from None
 
 
 def _index_lines(node: yaml.Node, key: tuple, source: str, where: dict, problems: list[str]) -> None:
-    """Record ``file:line`` for every key path, and refuse duplicate keys (safe_load silently keeps the last)."""
+    """Record ``file:line`` for every key path, and refuse duplicate keys (safe_load silently keeps the last), too
+    deep a nesting and too many values (YAML aliases expanded)."""
+    if len(key) > MAX_CONFIG_DEPTH or len(where) > MAX_CONFIG_VALUES:
+        if not problems:
+            too = "nested deeper than" if len(key) > MAX_CONFIG_DEPTH else "more values than"
+            limit = MAX_CONFIG_DEPTH if len(key) > MAX_CONFIG_DEPTH else MAX_CONFIG_VALUES
+            problems.append(f"{source}:{node.start_mark.line + 1} {'.'.join(key[:3])}: {too} {limit:,} "
+                            "(YAML aliases expand: a pipeline definition needs few)")
+        return
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for k, v in node.value:
@@ -380,7 +423,7 @@ def _build(cls: type, data: Any, key: tuple, where: dict, problems: list[str]) -
         if check and converted is not None and not check[0](converted):
             problems.append(located(where, sub, check[1].format(got=value)))
             continue
-        kwargs[name] = converted
+        kwargs[name] = _expand_home(converted) if fields[name].metadata.get("path") else converted
     for name in fields:  # sections not given in the YAML still validate their defaults
         if name not in data and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], {}, (*key, name), where, problems)
@@ -391,6 +434,12 @@ def _build(cls: type, data: Any, key: tuple, where: dict, problems: list[str]) -
     except _FieldProblem as e:
         problems.append(located(where, (*key, *e.key.split(".")), e.message))
         return None
+
+
+def _expand_home(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_expand_home(v) for v in value)
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
 
 
 def _kind(value: Any) -> str:
@@ -433,6 +482,8 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any, str]:
         return False, None, f"expected a whole number, got {_kind(value)}"
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                return False, None, f"must be a finite number, got {value}"
             return True, float(value), ""
         return False, None, f"expected a number, got {_kind(value)}"
     if hint is str:

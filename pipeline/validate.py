@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 
 from encoders.models import resolve_dtype
+from encoders.text import VocabularyError, load_vocabulary
 from encoders.video_text import model_problems, worker_device
 
 from .config import INPUT_REQUIRED, ConfigError, PipelineSpec, located
@@ -73,6 +74,11 @@ def check_spec(spec: PipelineSpec, *, command: str = "run", skipped: Counter | N
                        ("train.eval_manifest", spec.train.eval_manifest)):
         if value is not None and not os.path.isfile(value):
             problems.append((key, f"file not found: {value}"))
+    if spec.tags.vocabulary is not None and os.path.isfile(spec.tags.vocabulary):
+        try:  # a repeated label or a file that is not text: here, not as tracebacks in the encoder actors
+            load_vocabulary(spec.tags.vocabulary)
+        except (VocabularyError, UnicodeDecodeError, OSError) as e:
+            problems.append(("tags.vocabulary", str(e).splitlines()[0]))
     if problems:
         raise ConfigError([located(spec.locations, tuple(key.split(".")), message) for key, message in problems])
     return videos

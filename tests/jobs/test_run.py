@@ -64,7 +64,7 @@ def test_validate(config, archive):
     assert "--set sampling.frames: expected a whole number, got a string" in bad.stderr
     config.write_text(config.read_text().replace("top_k: 3", "top_k: 0"))
     bad = reeltag("validate", config)
-    assert bad.returncode == 2 and f"{config}:15 tags.top_k: must be > 0, got 0" in bad.stderr
+    assert bad.returncode == 2 and f"{config}:15 tags.top_k: must be > 0 and at most 10000, got 0" in bad.stderr
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def test_a_hub_id_is_taken_as_written_and_a_path_must_be_a_directory(files, tmp_
     assert _checked(_yaml({**files, "model": "runs/a/model"})) == [
         "pipeline.yaml:4 model.pretrained: not a hub id (org/name) nor an existing directory: runs/a/model"]
     assert _checked(_yaml({**files, "model": "~/no-such-model"})) == [
-        "pipeline.yaml:4 model.pretrained: directory not found: ~/no-such-model"]
+        f"pipeline.yaml:4 model.pretrained: directory not found: {os.path.expanduser('~/no-such-model')}"]
     assert _errors(_yaml(files), ["model.pretrained=''"]) == [
         "--set model.pretrained: required: a hub id (org/name) or a local checkpoint directory"]
 
@@ -209,7 +209,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(files, archive):
 def test_load_spec_reports_the_file_name(tmp_path, files):
     path = tmp_path / "pipeline.yaml"
     path.write_text(_yaml(files, "sampling:\n  frames: 0\n"))
-    with pytest.raises(ConfigError, match=r"pipeline.yaml:10 sampling.frames: must be > 0, got 0"):
+    with pytest.raises(ConfigError, match=r"pipeline.yaml:10 sampling.frames: must be > 0 and at most 512, got 0"):
         load_spec(path)
     with pytest.raises(ConfigError, match="cannot read the config"):
         load_spec(tmp_path / "missing.yaml")
