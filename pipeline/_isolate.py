@@ -5,11 +5,19 @@ is replaced every ``recycle_after`` videos so leaks cannot grow."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import resource
+from multiprocessing.connection import Connection
 from typing import Callable, Iterator
 
 
-def _serve(conn, fn: Callable) -> None:
-    """Child: for each request, stream ``fn(*args)``'s rows back, then a ``done`` marker."""
+def _serve(conn: Connection, fn: Callable, memory_mb: int | None = None) -> None:
+    """Child: for each request, stream ``fn(*args)``'s rows back, then a ``done`` marker. ``memory_mb`` caps the
+    child's address space: an allocation past it fails (a MemoryError the row generator records) instead of
+    taking the node's memory."""
+    if memory_mb is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        soft = memory_mb << 20 if hard == resource.RLIM_INFINITY else min(memory_mb << 20, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     while True:
         try:
             args = conn.recv()
@@ -26,9 +34,10 @@ class IsolatedDecoder:
     """Runs a row generator ``fn(*args)`` in a reusable child process; failures come back as ``on_fail`` rows."""
 
     def __init__(self, fn: Callable[..., Iterator[dict]], *, timeout_s: float, recycle_after: int,
-                 timeout_setting: str = ""):
-        """``timeout_setting``: where the limit is set (named in the timeout message), e.g. a config key."""
-        self.fn, self.timeout_s, self.recycle_after = fn, timeout_s, recycle_after
+                 timeout_setting: str = "", memory_mb: int | None = None):
+        """``timeout_setting``: where the limit is set (named in the timeout message), e.g. a config key;
+        ``memory_mb``: the child's address-space limit (None: none)."""
+        self.fn, self.timeout_s, self.recycle_after, self.memory_mb = fn, timeout_s, recycle_after, memory_mb
         self._timeout_text = f"no progress for {timeout_s:g} s" + (f" ({timeout_setting})" if timeout_setting else "")
         self._proc = self._conn = None
         self._served = 0
@@ -40,7 +49,7 @@ class IsolatedDecoder:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # fork is unsafe inside threaded workers such as Ray's
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.fn), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, self.fn, self.memory_mb), daemon=True)
         self._proc.start()
         child.close()
         self._served = 0

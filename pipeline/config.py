@@ -79,6 +79,14 @@ class DecodeSpec:
     chunk_segments: int = field(default=16, metadata={**_up_to(4096), **_SAME_ROWS})
     # videos per decoder process before a fresh one
     recycle_after: int = field(default=100, metadata={**_POSITIVE, **_SAME_ROWS})
+    # Bounded work per file, whatever its header says: a video past a limit is an errors row of its own type.
+    # Generous for real video (48 h, 8K, 12:1); hostile files (a 1.4 KB file declaring 90 h, a 1024x2 stream
+    # decoded at 114688x224) stop here. Not hashed: what a limit refused is tried again once it is raised.
+    max_duration_s: float = field(default=172_800.0, metadata={**_POSITIVE, **_SAME_ROWS})  # too_long
+    max_pixels: int = field(default=7680 * 4320, metadata={**_POSITIVE, **_SAME_ROWS})  # too_large: per frame
+    max_aspect: float = field(default=12.0, metadata={**_POSITIVE, **_SAME_ROWS})  # bad_aspect: long side / short
+    # address space of a decoder process, MiB (a file that makes FFmpeg allocate more is an error, not an OOM)
+    max_memory_mb: int | None = field(default=8192, metadata={**_POSITIVE, **_SAME_ROWS})
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,12 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import DecodeSpec
 
 from .segments import frame_histograms, sample_uniform
 
@@ -149,6 +152,20 @@ def _rotation(container, stream) -> int:
     except Exception:  # noqa: BLE001 - a broken first frame is found again, with its reason, when reading
         return 0
     return int(round(getattr(frame, "rotation", 0) or 0)) % 360 if frame is not None else 0
+
+
+def check_limits(info: VideoInfo, index: FrameIndex, limits: DecodeSpec) -> None:
+    """DecodeError (``too_long``, ``too_large``, ``bad_aspect``) for a video past ``decode.max_*``: its work would
+    be unbounded whatever it holds (durations and sizes come from the file, which may lie)."""
+    if index.end_s > limits.max_duration_s:
+        raise DecodeError("too_long", f"{index.end_s:,.0f} s from the first frame to the last: more than "
+                                      f"decode.max_duration_s ({limits.max_duration_s:,.0f} s)")
+    if info.width * info.height > limits.max_pixels:
+        raise DecodeError("too_large", f"{info.width}x{info.height} pixels a frame: more than decode.max_pixels "
+                                       f"({limits.max_pixels:,})")
+    if max(info.width, info.height) > limits.max_aspect * min(info.width, info.height):
+        raise DecodeError("bad_aspect", f"{info.width}x{info.height}: an aspect ratio past decode.max_aspect "
+                                        f"({limits.max_aspect:g}:1)")
 
 
 def decode_size(info: VideoInfo, short_side: int) -> tuple[int, int]:

@@ -104,12 +104,16 @@ def plan_segments(frame_times_s: np.ndarray, end_s: float, *, mode: str, window_
                   min_segment_s: float, strategy: str = "uniform", frames: int = 8, target_fps: float = 2.0,
                   max_frames: int = 32, seed: int = 0, key: str = "", cuts: list[float] = (),
                   scales_s: tuple[float, ...] = ()) -> list[Segment]:
-    """Frame presentation times (relative to the first frame) -> the video's segments with sampled frames.
-    ``tsn`` draws are deterministic per (seed, key, segment)."""
+    """Frame presentation times (relative to the first frame) -> the video's segments with sampled frames, only
+    where frames are: a span with no frame in it (a gap in the timestamps) is no segment, so a file that declares
+    hours around three frames costs three frames. ``tsn`` draws are deterministic per (seed, key, segment)."""
     segments = []
     spans = plan_spans(end_s, mode=mode, window_s=window_s, stride_s=stride_s, min_segment_s=min_segment_s, cuts=cuts,
                        scales_s=scales_s)
+    starts, ends = (np.searchsorted(frame_times_s, [s[k] for s in spans]) for k in (0, 1))
     for i, (start, end) in enumerate(spans):
+        if ends[i] == starts[i]:
+            continue
         match strategy:
             case "uniform":
                 index = sample_uniform(frame_times_s, start, end, frames)

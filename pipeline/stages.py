@@ -17,6 +17,7 @@ from ._isolate import IsolatedDecoder
 from .config import PipelineSpec
 from .decode import (
     DecodeError,
+    check_limits,
     choose_backend,
     decode_size,
     error_reason,
@@ -71,6 +72,7 @@ def _segment_rows(uri: str, path: str, vid: str, spec: PipelineSpec, short_side:
     """The segment rows of the local file ``path`` (``uri`` names it in the output)."""
     info, index = probe(path)
     seg, smp, dec = spec.segments, spec.sampling, spec.decode
+    check_limits(info, index, dec)
     cuts = []
     if seg.mode == "shots":
         hists = low_res_histograms(path, index, threads=dec.threads)
@@ -125,10 +127,10 @@ class DecodeStage:
 
     def setup(self) -> None:
         d = self.spec.decode
-        key = (d.timeout_s, d.recycle_after)  # one decoder process per worker process, reused across tasks
+        key = (d.timeout_s, d.recycle_after, d.max_memory_mb)  # one decoder process per worker, reused
         if key not in _DECODERS:
             _DECODERS[key] = IsolatedDecoder(decode_rows, timeout_s=d.timeout_s, recycle_after=d.recycle_after,
-                                            timeout_setting="decode.timeout_s")
+                                            timeout_setting="decode.timeout_s", memory_mb=d.max_memory_mb)
         self._decoder = _DECODERS[key]
 
     def __call__(self, item: dict) -> Iterator[dict]:
