@@ -19,7 +19,7 @@ from temporal.checkpoint import CheckpointError
 
 from .demo import run_demo
 from .report import ReportError, write_report
-from .run import JobError, RayStartError, format_summary, run_pipeline
+from .run import JobError, PlanError, RayStartError, format_summary, run_pipeline
 from .search import SearchError, build_index, format_results, search
 from .train import TrainError, format_metrics, run_eval, run_train
 
@@ -132,7 +132,7 @@ def _guarded(action: Callable[[], T], errors: Handled) -> tuple[int, T | None]:
 def _run(spec: PipelineSpec, command: str, *, wait: bool = False) -> int:
     code, summary = _guarded(lambda: run_pipeline(spec, command=command, wait=wait), [
         ((VocabularyError,), 2, "reeltag: invalid pipeline definition:\ntags.vocabulary: "),
-        ((OutputInUse,), 2, "reeltag: "),
+        ((OutputInUse, PlanError), 2, "reeltag: "),
         ((JobError, ModelLoadError, RayStartError, OutputError), 1, "reeltag: the job could not run: "),
         ((OSError,), 1, "reeltag: the job could not write its output (what was committed is kept): ")])
     if summary is not None:

@@ -61,6 +61,32 @@ def ray_session(spec: RaySpec) -> Iterator[ModuleType]:
         ray.shutdown()
 
 
+class PlanError(ValueError):
+    """The Ray resource plan cannot run on the cluster it got (it would wait for ever); says what to change."""
+
+
+def fit_plan(spec: RaySpec, cpus: float, gpus: float) -> RaySpec:
+    """``spec`` with the CPUs of a decode task and of an encoder actor fixed so that the encoder actors leave room
+    for at least one decode task on ``cpus``; PlanError for a plan that cannot (or GPUs it cannot have)."""
+    actors = spec.encoder_actors
+    if actors * spec.gpus_per_actor > gpus:
+        raise PlanError(f"ray: {actors} encoder actors x ray.gpus_per_actor {spec.gpus_per_actor:g} need "
+                        f"{actors * spec.gpus_per_actor:g} GPUs; the cluster has {gpus:g}")
+    decode, encoder = spec.decode_cpus, spec.encoder_cpus
+    if decode is None and encoder is None:
+        decode = encoder = 1.0 if cpus >= actors + 1 else cpus / (actors + 1)
+    elif encoder is None:
+        encoder = min(1.0, (cpus - decode) / actors)
+    elif decode is None:
+        decode = min(1.0, cpus - actors * encoder)
+    if decode <= 0 or encoder <= 0 or actors * encoder + decode > cpus + 1e-9:
+        raise PlanError(f"ray: {actors} encoder actors x {spec.encoder_cpus or 0:g} CPUs and a decode task of "
+                        f"{spec.decode_cpus or 0:g} CPUs need more than the cluster's {cpus:g} CPUs (the job "
+                        "would wait for ever): lower ray.encoder_actors, ray.encoder_cpus or ray.decode_cpus, or "
+                        "leave them null to fit")
+    return dataclasses.replace(spec, decode_cpus=decode, encoder_cpus=encoder)
+
+
 class JobError(RuntimeError):
     """The job itself could not run (output not writable, model not loadable, Ray not reachable)."""
 
@@ -161,6 +187,8 @@ def _stream(spec: PipelineSpec, todo: list[str], writer: OutputWriter) -> None:
     progress = Progress(total=len(todo))
     if todo:
         with ray_session(spec.ray) as ray:
+            total = ray.cluster_resources()
+            spec = dataclasses.replace(spec, ray=fit_plan(spec.ray, total.get("CPU", 0.0), total.get("GPU", 0.0)))
             ds = ray.data.from_items([{"uri": uri} for uri in todo], override_num_blocks=len(todo))
             # decode: 1 video -> N segment rows (frames [T,H,W,3]) + 1 end row, on CPU tasks
             # A task or actor whose worker process dies is re-run by Ray (tasks 3 times, actors without limit): the

@@ -224,9 +224,11 @@ class OutputSpec:
 class RaySpec:
     address: str | None = None  # null: start an embedded local Ray; 'auto' or host:port: join a cluster
     num_cpus: int | None = field(default=None, metadata=_POSITIVE)  # CPUs of the embedded Ray; null: all
-    decode_cpus: float = field(default=1.0, metadata=_POSITIVE)  # CPUs reserved per decode task
+    # CPUs reserved per decode task and per encoder actor; null: fitted to the cluster when the job starts (1 each
+    # where the encoder actors leave room for a decode task, else equal shares: the default plan runs on 1 CPU)
+    decode_cpus: float | None = field(default=None, metadata=_POSITIVE)
     encoder_actors: int = field(default=1, metadata=_up_to(4096))  # encoder actors (each loads the model once)
-    encoder_cpus: float = field(default=1.0, metadata=_POSITIVE)  # CPUs reserved per encoder actor
+    encoder_cpus: float | None = field(default=None, metadata=_POSITIVE)
     threads_per_actor: int = field(default=1, metadata=_POSITIVE)  # torch threads in each encoder actor
     gpus_per_actor: float = field(default=0.0, metadata=_NON_NEGATIVE)  # GPUs per encoder actor
     verbose: bool = False  # show Ray's own logs and progress bars

@@ -122,7 +122,7 @@ class DecodeStage:
         from encoders.video_text import decode_short_side  # torch: on the driver only (see the module's doc)
 
         self.spec, self.short_side = spec, short_side or decode_short_side(spec)
-        self.resources = Resources(cpus=spec.ray.decode_cpus)
+        self.resources = Resources(cpus=spec.ray.decode_cpus or 1.0)  # null until fitted to a cluster
         self._decoder = None
 
     def setup(self) -> None:
@@ -159,7 +159,7 @@ class EncodeStage:
         from encoders.video_text import segments_per_call  # torch (see the module's doc)
 
         self.spec = spec
-        self.resources = Resources(cpus=spec.ray.encoder_cpus, gpus=spec.ray.gpus_per_actor)
+        self.resources = Resources(cpus=spec.ray.encoder_cpus or 1.0, gpus=spec.ray.gpus_per_actor)
         self.batch_size = segments_per_call(spec)  # segments per call
         self.model: VideoTextModel | None = None
 

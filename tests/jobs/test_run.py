@@ -129,3 +129,18 @@ def test_a_second_run_into_a_held_output_dir_exits_2_naming_the_holder(config, t
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"reeltag: output.dir {out} is in use by reeltag pid ") and "--wait" in line
     assert not (out / "segments").exists()  # nothing was touched
+
+
+@pytest.mark.slow
+def test_the_default_plan_runs_on_one_cpu_and_an_impossible_one_is_refused(config, tmp_path):
+    """With ray.num_cpus: 1 the encoder actor took the only CPU and no decode task was ever scheduled: no output,
+    no error, for ever. The default plan now fits the cluster; an explicit one that cannot run exits 2."""
+    one = subprocess.run([*REELTAG, "run", str(config), "--set", f"output.dir={tmp_path / 'one'}", "--set",
+                          "ray.num_cpus=1"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert json.loads((tmp_path / "one" / "run.json").read_text())["videos_ok"] == 3
+    stuck = reeltag("run", config, "--set", f"output.dir={tmp_path / 'stuck'}", "--set", "ray.encoder_actors=2",
+                    "--set", "ray.encoder_cpus=1")
+    assert stuck.returncode == 2, stuck.stderr
+    (line,) = stuck.stderr.strip().splitlines()
+    assert "the job would wait for ever" in line and "ray.encoder_actors" in line
