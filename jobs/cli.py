@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         _add_config(command)
         command.add_argument("--wait", action="store_true",
                              help="if another run holds output.dir, wait for it (default: exit 2 naming it)")
+        command.add_argument("--retry-failed", action="store_true",
+                             help="do the videos that failed again, whatever the failure (default: only transient "
+                                  "ones, up to decode.max_attempts runs)")
     train = sub.add_parser("train", help="train the temporal head on train.manifest (resumes if interrupted)")
     _add_config(train)
     train.add_argument("--restart", action="store_true",
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             check_spec(spec, command=args.command)
             return _train_or_eval(args.command, spec, restart=getattr(args, "restart", False))
         # run_pipeline checks the spec itself (so the inputs are listed once)
-        code = _run(spec, args.command, wait=args.wait)
+        code = _run(spec, args.command, wait=args.wait, retry_failed=args.retry_failed)
         if code == 0 and args.command == "index":
             index = build_index(spec.output.dir, config_hash(spec))
             print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
@@ -129,8 +132,8 @@ def _guarded(action: Callable[[], T], errors: Handled) -> tuple[int, T | None]:
         raise
 
 
-def _run(spec: PipelineSpec, command: str, *, wait: bool = False) -> int:
-    code, summary = _guarded(lambda: run_pipeline(spec, command=command, wait=wait), [
+def _run(spec: PipelineSpec, command: str, *, wait: bool = False, retry_failed: bool = False) -> int:
+    code, summary = _guarded(lambda: run_pipeline(spec, command=command, wait=wait, retry_failed=retry_failed), [
         ((VocabularyError,), 2, "reeltag: invalid pipeline definition:\ntags.vocabulary: "),
         ((OutputInUse, PlanError), 2, "reeltag: "),
         ((JobError, ModelLoadError, RayStartError, OutputError), 1, "reeltag: the job could not run: "),

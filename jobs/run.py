@@ -151,10 +151,12 @@ def _fmt_s(s: float) -> str:
     return "--" if s != s else f"{int(s) // 60}m{int(s) % 60:02d}s" if s >= 60 else f"{s:.0f}s"
 
 
-def run_pipeline(spec: PipelineSpec, *, command: str = "run", wait: bool = False) -> dict:
+def run_pipeline(spec: PipelineSpec, *, command: str = "run", wait: bool = False, retry_failed: bool = False) -> dict:
     """Run the pipeline over every input video not already finished in ``output.dir``; return run.json's data.
     Raises ConfigError (on the driver, before anything starts) for a spec that :func:`check_spec` refuses, and
-    OutputInUse while another run holds ``output.dir`` (``wait``: wait for it instead)."""
+    OutputInUse while another run holds ``output.dir`` (``wait``: wait for it instead). A video that failed is done
+    again while its failure was transient and tried fewer than ``decode.max_attempts`` times (any failure, with
+    ``retry_failed``)."""
     started = time.time()
     skipped: Counter = Counter()  # files of the inputs' directories that are not videos, by suffix
     videos = check_spec(spec, command=command, skipped=skipped)
@@ -166,8 +168,8 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run", wait: bool = False
         prints = {uri: fingerprint(uri) for uri in videos}
         writer = OutputWriter(out, config_hash=digest, model=spec.model_id(), shard_rows=spec.output.shard_rows,
                               fingerprints=prints)
-        finished = writer.finished()
-        todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in finished]
+        settled = writer.settled(max_attempts=spec.decode.max_attempts, retry_failed=retry_failed)
+        todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in settled]
         _stream(spec, todo, writer)
         actions = None
         if spec.segments.localize and spec.tags.vocabulary:  # from the stored windows: no decoding, no model

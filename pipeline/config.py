@@ -79,6 +79,8 @@ class DecodeSpec:
     chunk_segments: int = field(default=16, metadata={**_up_to(4096), **_SAME_ROWS})
     # videos per decoder process before a fresh one
     recycle_after: int = field(default=100, metadata={**_POSITIVE, **_SAME_ROWS})
+    # runs that try a video whose failure was transient (timeout, decoder_crashed, io_error) before it is final
+    max_attempts: int = field(default=3, metadata={**_up_to(100), **_SAME_ROWS})
     # Bounded work per file, whatever its header says: a video past a limit is an errors row of its own type.
     # Generous for real video (48 h, 8K, 12:1); hostile files (a 1.4 KB file declaring 90 h, a 1024x2 stream
     # decoded at 114688x224) stop here. Not hashed: what a limit refused is tried again once it is raised.

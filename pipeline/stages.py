@@ -63,6 +63,8 @@ def decode_rows(uri: str, spec: PipelineSpec, short_side: int) -> Iterator[dict]
                 yield row
     except DecodeError as e:
         failure = {"stage": "decode", "error_type": e.error_type, "message": str(e)}
+    except OSError as e:  # reading the file broke (a remote copy, a network mount): worth another run
+        failure = {"stage": "decode", "error_type": "io_error", "message": error_reason(e)}
     except Exception as e:  # noqa: BLE001 - any decoder failure is this video's, never the job's
         failure = {"stage": "decode", "error_type": type(e).__name__, "message": error_reason(e)}
     yield _row("end", vid, uri, n_segments=count, backend=backend, **failure)

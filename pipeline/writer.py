@@ -87,7 +87,13 @@ MANIFEST_SCHEMA = pa.schema([
     ("n_segments", pa.int32()),
     ("node", pa.string()),  # Ray node that decoded it
     ("committed_at", pa.float64()),  # unix time of the commit; the latest commit of a video wins
+    ("error_type", pa.string()),  # the video's first failure ("" when none; null in outputs from before)
+    ("attempts", pa.int32()),  # runs that have tried it under this config and fingerprint (null: 1)
 ])
+
+# Failures worth another run: the decoder hung or died, or a remote read broke. Any other (unreadable, no video
+# stream, too_long, ...) is the file's own and final, unless `reeltag run --retry-failed`.
+TRANSIENT_ERRORS = frozenset({"timeout", "decoder_crashed", "io_error"})
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
@@ -213,6 +219,7 @@ class OutputWriter:
                  fingerprints: dict[str, str] | None = None):
         self.out_dir, self.config_hash, self.model, self.shard_rows = Path(out_dir), config_hash, model, shard_rows
         self.fingerprints = fingerprints or {}  # uri -> size:mtime_ns
+        self.attempts: dict[str, int] = {}  # video id -> attempts before this run (videos it retries)
         for name in ("segments", "errors", "manifest"):
             if (self.out_dir / name).is_symlink():  # never followed out of output.dir
                 raise OutputError(f"{self.out_dir / name} is a symlink: reeltag writes only inside output.dir")
@@ -256,9 +263,30 @@ class OutputWriter:
 
     def finished(self) -> set[tuple[str, str]]:
         """(video id, fingerprint) pairs committed for this config."""
-        t = read_table(self.out_dir, "manifest")
-        t = t.filter(pc.equal(t["config_hash"], self.config_hash))
-        return set(zip(t["video_id"].to_pylist(), t["fingerprint"].to_pylist()))
+        return {(vid, c["fingerprint"]) for vid, c in self.commits().items()}
+
+    def commits(self) -> dict[str, dict]:
+        """Each video's latest commit for this config: its manifest row."""
+        t = read_table(self.out_dir, "manifest", self.config_hash)
+        latest: dict[str, dict] = {}
+        for row in t.to_pylist():
+            if row["video_id"] not in latest or row["committed_at"] >= latest[row["video_id"]]["committed_at"]:
+                latest[row["video_id"]] = row
+        return latest
+
+    def settled(self, *, max_attempts: int, retry_failed: bool = False) -> set[tuple[str, str]]:
+        """(video id, fingerprint) pairs a run need not do again: committed, unless their failure was transient
+        and tried fewer than ``max_attempts`` times, or they failed at all and ``retry_failed``. Counts the
+        attempts of those it will retry, for their next commit."""
+        done = set()
+        for vid, c in self.commits().items():
+            failure, attempts = c["error_type"] or "", c["attempts"] or 1
+            retry = failure and (retry_failed or (failure in TRANSIENT_ERRORS and attempts < max_attempts))
+            if retry:
+                self.attempts[vid] = attempts
+            else:
+                done.add((vid, c["fingerprint"]))
+        return done
 
     def add(self, table: pa.Table) -> list[str]:
         """Take a batch of stream rows; return the ids of the videos it completed."""
@@ -309,12 +337,17 @@ class OutputWriter:
         now, manifest = time.time(), []
         segments_of = Counter(r["video_id"] for r in good)
         failed_ids = {r["video_id"] for r in bad}
+        failure_of = {}
+        for r in bad:
+            failure_of.setdefault(r["video_id"], r["error_type"])
         for end in (r for r in self._ready if r["kind"] == "end"):
             n, failed = segments_of[end["video_id"]], end["video_id"] in failed_ids
             manifest.append({"video_id": end["video_id"], "uri": end["uri"],
                              "fingerprint": self.fingerprints.get(end["uri"], ""), **common, "n_segments": n,
                              "status": ("partial" if n else "failed") if failed else "ok",
-                             "node": end.get("node") or "", "committed_at": now})
+                             "node": end.get("node") or "", "committed_at": now,
+                             "error_type": failure_of.get(end["video_id"], ""),
+                             "attempts": self.attempts.get(end["video_id"], 0) + 1})
         write_atomic(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), self.out_dir / "manifest" / name)
         self._ready, self._ready_segments = [], 0
 

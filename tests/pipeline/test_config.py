@@ -318,7 +318,8 @@ def test_the_fields_left_out_of_the_hash_are_the_ones_decided():
             out += [f"{top.name}.{f.name}" for f in dataclasses.fields(hints[top.name])
                     if not f.metadata.get("output", True)]
     assert sorted(out) == sorted(["input", "output", "ray", "train", "locations", "decode.threads", "decode.timeout_s",
-                                  "decode.chunk_segments", "decode.recycle_after", "decode.max_duration_s",
+                                  "decode.chunk_segments", "decode.recycle_after", "decode.max_attempts",
+                                  "decode.max_duration_s",
                                   "decode.max_pixels", "decode.max_aspect", "decode.max_memory_mb",
                                   "model.local_files_only", "model.batch_size"])
 

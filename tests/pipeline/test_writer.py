@@ -94,7 +94,7 @@ def test_a_re_done_video_is_read_from_its_latest_commit_only(tmp_path):
                                         schema=STREAM_SCHEMA))
         writer.flush()
     assert read_table(tmp_path, "segments").num_rows == 2 and read_table(tmp_path, "manifest").num_rows == 2
-    assert writer.finished() == {("a", "1:1"), ("a", "2:2")}
+    assert writer.finished() == {("a", "2:2")}  # its latest commit
 
 
 def test_readers_can_take_the_latest_configs_rows_only(tmp_path):
@@ -161,3 +161,24 @@ def test_a_symlinked_table_directory_is_refused(tmp_path):
     with pytest.raises(OutputError, match="is a symlink"):
         OutputWriter(out, config_hash="h", model="m")
     assert (elsewhere / "keep.parquet").read_text() == "someone's\n"
+
+
+def test_transient_failures_are_retried_up_to_max_attempts_and_permanent_ones_only_when_asked(tmp_path):
+    def run(settled_of: str = "", **kwargs) -> set:
+        writer = OutputWriter(tmp_path, config_hash="h", model="m")
+        settled = writer.settled(max_attempts=3, **kwargs)
+        todo = [vid for vid in ("hangs", "broken", "good") if (vid, "") not in settled]
+        for vid, error in (("hangs", "timeout"), ("broken", "unreadable"), ("good", "")):
+            if vid in todo:
+                writer.add(pa.Table.from_pylist([_end(vid, 0, error) if error else _segment(vid, 0, 0, 2, {}),
+                                                 *([] if error else [_end(vid, 1)])], schema=STREAM_SCHEMA))
+        writer.flush()
+        return set(todo)
+
+    assert run() == {"hangs", "broken", "good"}
+    assert run() == {"hangs"} and run() == {"hangs"}  # a timeout is tried again, up to 3 runs in all
+    assert run() == set()
+    attempts = {r["video_id"]: r["attempts"] for r in OutputWriter(tmp_path, config_hash="h", model="m")
+                .commits().values()}
+    assert attempts == {"hangs": 3, "broken": 1, "good": 1}
+    assert run(retry_failed=True) == {"hangs", "broken"}  # reeltag run --retry-failed
