@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 if TYPE_CHECKING:
+    import av
+
     from .config import DecodeSpec
 
 from .segments import frame_histograms, sample_uniform
@@ -110,7 +112,7 @@ def probe(path: str) -> tuple[VideoInfo, FrameIndex]:
     if stat.S_ISREG(mode) and os.path.getsize(path) == 0:
         raise DecodeError("empty_file", "the file is empty (0 bytes)")
     try:
-        with av.open(path) as container:
+        with open_container(path) as container:
             if not container.streams.video:
                 kinds = sorted({s.type for s in container.streams}) or ["none"]
                 raise DecodeError("no_video_stream", f"no video stream (streams: {', '.join(kinds)})")
@@ -132,6 +134,9 @@ def probe(path: str) -> tuple[VideoInfo, FrameIndex]:
             container.seek(0)
             rotation = _rotation(container, stream)
             cc = stream.codec_context
+            if cc is None:  # FFmpeg knows no decoder for what the stream header now says
+                raise DecodeError("unreadable", "no decoder for the video stream (its header is damaged or its "
+                                                "codec unknown)")
             declared = float(stream.duration * stream.time_base) if stream.duration else (
                 container.duration / 1e6 if container.duration else 0.0)
             width, height = (cc.height, cc.width) if rotation in (90, 270) else (cc.width, cc.height)
@@ -143,6 +148,14 @@ def probe(path: str) -> tuple[VideoInfo, FrameIndex]:
     keys = keys or {int(pts[0]): int(pts[0])}
     order = sorted(keys)
     return info, FrameIndex(pts, np.asarray(order, np.int64), time_base, np.asarray([keys[k] for k in order], np.int64))
+
+
+def open_container(path: str) -> av.container.InputContainer:
+    """PyAV's container for reading ``path``. Metadata that is not UTF-8 (Latin-1 titles in older files, damage)
+    is read with replacement characters: it is never why a video cannot be tagged."""
+    import av
+
+    return av.open(path, metadata_errors="replace")
 
 
 def _rotation(container, stream) -> int:
@@ -333,9 +346,8 @@ class PyAVReader(VideoReader):
         self._start_decoding()
 
     def _open(self) -> None:
-        import av
 
-        self._container = av.open(self._path)
+        self._container = open_container(self._path)
         stream = self._container.streams.video[0]
         stream.thread_count, stream.thread_type = self._threads, "AUTO"
         if not self._exact:  # the coarse pass: no B-frames, no deblocking
@@ -409,7 +421,7 @@ def low_res_histograms(path: str, index: FrameIndex, *, threads: int = 1, side: 
     import av
 
     hists = []
-    with av.open(path) as container:
+    with open_container(path) as container:
         stream = container.streams.video[0]
         stream.thread_count = threads
         try:
