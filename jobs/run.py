@@ -80,8 +80,8 @@ def fit_plan(spec: RaySpec, cpus: float, gpus: float) -> RaySpec:
     elif decode is None:
         decode = min(1.0, cpus - actors * encoder)
     if decode <= 0 or encoder <= 0 or actors * encoder + decode > cpus + 1e-9:
-        raise PlanError(f"ray: {actors} encoder actors x {spec.encoder_cpus or 0:g} CPUs and a decode task of "
-                        f"{spec.decode_cpus or 0:g} CPUs need more than the cluster's {cpus:g} CPUs (the job "
+        raise PlanError(f"ray: {actors} encoder actors x {encoder:g} CPUs and a decode task of {max(decode, 0):g} "
+                        f"CPUs need more than the cluster's {cpus:g} CPUs (the job "
                         "would wait for ever): lower ray.encoder_actors, ray.encoder_cpus or ray.decode_cpus, or "
                         "leave them null to fit")
     return dataclasses.replace(spec, decode_cpus=decode, encoder_cpus=encoder)
