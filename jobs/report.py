@@ -26,6 +26,7 @@ from pipeline._isolate import IsolatedDecoder
 from pipeline.decode import decode_size, open_video, probe
 from pipeline.sources import local_path
 from pipeline.writer import latest_config, read_table
+from temporal.files import write_text_atomic
 
 TIMELINE_LABELS = 8  # labels (rows) of a video's timeline: those with the highest summed score
 ACTION_ROWS = 200  # actions listed in the report; the rest are counted
@@ -54,13 +55,7 @@ def write_report(output_dir: str | Path, out: str | Path | None = None, *, thumb
     out = Path(out) if out is not None else run.out_dir / "report.html"
     text = _page(run, thumb_px)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after a successful replace; a failed one leaves no litter
-    return out
+    return write_text_atomic(out, text)  # a failed write leaves no litter
 
 
 # --- data -------------------------------------------------------------------------------------------------------
