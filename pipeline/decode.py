@@ -5,8 +5,10 @@ everywhere else. Every failure becomes a :class:`DecodeError` with a readable re
 Measured here (tests/pipeline/test_decode_exact.py pins each): Decord 0.6.0 returns the requested frame on
 H.264, VP9 and MJPEG, but frames a few positions late after HEVC keyframes and a whole GOP early on MPEG-4
 Part 2 AVI with B-frames. VP8 is decoded exactly by Decord on our files, but was reported wrong on others, so
-it goes to PyAV too. ``auto`` therefore uses Decord only for the codecs in :data:`DECORD_EXACT_CODECS`, and
-only for dense reads: for sparse ones PyAV is faster (benchmarks/decode_bench.py).
+it goes to PyAV too, and so does any codec in MPEG-TS (Decord's frames there are not the stream's). ``auto``
+therefore uses Decord only for the codecs in :data:`DECORD_EXACT_CODECS` outside
+:data:`DECORD_INEXACT_CONTAINERS`, and only for dense reads: for sparse ones PyAV is faster
+(benchmarks/decode_bench.py).
 
 Every backend is a :class:`VideoReader`; :func:`open_video` is the one place a reader is opened, and the one
 place ``auto`` falls back from Decord to PyAV (when Decord cannot open a file, or fails on a read).
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 from .segments import frame_histograms, sample_uniform
 
 DECORD_EXACT_CODECS = frozenset({"h264", "vp9", "mjpeg"})
+# Containers Decord reads the wrong frames from whatever the codec (tests/pipeline/test_timelines.py): in MPEG-TS
+# (broadcast, HLS, M2TS) its H.264 frame k is not the k-th frame from the stream's start.
+DECORD_INEXACT_CONTAINERS = frozenset({"mpegts", "mpeg", "mpegvideo"})
 _IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "gif", "tiff_pipe")
 
 
@@ -196,7 +201,8 @@ def choose_backend(info: VideoInfo, requested: str, exact: bool, needed_fraction
     if requested != "auto":
         return requested
     dense = needed_fraction >= SPARSE_FRACTION
-    return "decord" if exact and dense and info.codec in DECORD_EXACT_CODECS else "pyav"
+    trusted = info.codec in DECORD_EXACT_CODECS and info.container not in DECORD_INEXACT_CONTAINERS
+    return "decord" if exact and dense and trusted else "pyav"
 
 
 class VideoReader(abc.ABC):
