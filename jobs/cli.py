@@ -14,13 +14,13 @@ from pipeline.config import ConfigError, PipelineSpec, load_spec
 from pipeline.manifest import ManifestError
 from pipeline.synth import SPLITS, sample_clips, write_clips
 from pipeline.validate import check_spec, config_hash
-from pipeline.writer import OutputError, OutputInUse
+from pipeline.writer import OutputError, OutputInUse, output_lock
 from temporal.checkpoint import CheckpointError
 
 from .demo import run_demo
 from .report import ReportError, write_report
 from .run import JobError, PlanError, RayStartError, format_summary, run_pipeline
-from .search import SearchError, build_index, format_results, search
+from .search import Index, SearchError, build_index, format_results, search
 from .train import TrainError, format_metrics, run_eval, run_train
 
 T = TypeVar("T")
@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         # run_pipeline checks the spec itself (so the inputs are listed once)
         code = _run(spec, args.command, wait=args.wait, retry_failed=args.retry_failed)
         if code == 0 and args.command == "index":
-            index = build_index(spec.output.dir, config_hash(spec))
-            print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
-                  f"{spec.output.dir}/index/{index.config_hash}")
+            code, index = _guarded(lambda: _locked_index(spec, wait=args.wait),
+                                   [((OutputInUse,), 2, "reeltag: "), ((SearchError,), 2, "reeltag index: ")])
+            if index is not None:
+                print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
+                      f"{spec.output.dir}/index/{index.config_hash}")
         return code
     except ConfigError as e:
         print(f"reeltag: invalid pipeline definition:\n{e}", file=sys.stderr)
@@ -130,6 +132,12 @@ def _guarded(action: Callable[[], T], errors: Handled) -> tuple[int, T | None]:
                 print(f"{prefix}{e}", file=sys.stderr)
                 return code, None
         raise
+
+
+def _locked_index(spec: PipelineSpec, *, wait: bool) -> Index:
+    """The index of the run just made, built holding output.dir's lock (one writer at a time)."""
+    with output_lock(spec.output.dir, wait=wait):
+        return build_index(spec.output.dir, config_hash(spec))
 
 
 def _run(spec: PipelineSpec, command: str, *, wait: bool = False, retry_failed: bool = False) -> int:

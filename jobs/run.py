@@ -88,7 +88,7 @@ def fit_plan(spec: RaySpec, cpus: float, gpus: float) -> RaySpec:
 
 
 class JobError(RuntimeError):
-    """The job itself could not run (output not writable, model not loadable, Ray not reachable)."""
+    """The job itself could not run: its output directory is not writable."""
 
 
 def check_output_dir(path: str) -> Path:

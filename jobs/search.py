@@ -111,12 +111,13 @@ def query_model(out_dir: str | Path, config_hash: str, model: str) -> VideoTextM
         spec = parse_spec(json.dumps({"input": {"paths": [str(out_dir)]}, "output": {"dir": str(out_dir)},
                                       "model": {"family": family, "pretrained": pretrained, "dtype": "float32",
                                                 "local_files_only": os.path.isdir(pretrained)}}))
-    return create_model(spec, tagging=False, video=False)
+    return create_model(spec, tagging=False, video=False, device="cpu")  # the run's weights and dtype; a query
+    # is one text: the CPU, whatever device the run's encoders had
 
 
 def encode_query(model: VideoTextModel, text: str) -> np.ndarray:
     """The query's normalised text embedding, as written (no prompt template)."""
-    return model.embed_texts([text])[0].float().numpy()
+    return model.embed_texts([text])[0].float().cpu().numpy()
 
 
 def search(out_dir: str | Path, text: str, *, top_k: int = 10, iou: float = 0.3) -> list[dict]:

@@ -26,11 +26,11 @@ from encoders.video_text import VideoTextModel, create_model, decode_short_side
 from pipeline.config import PipelineSpec
 from pipeline.decode import DecodeError, decode_span
 from pipeline.manifest import LabelledClip, read_manifest
-from temporal.checkpoint import META_FILE, CheckpointError, HeadShape, read_meta, recover_checkpoint
+from temporal.checkpoint import META_FILE, HeadShape, recover_checkpoint
 from temporal.files import atomic_path, write_text_atomic
 from temporal.metrics import mean_average_precision, retrieval, top1
 from temporal.pooling import AttentionPooling
-from temporal.train import ClipEmbeddings, ClipPixels, HeadTask, ModelTask, embed_clips, fit, job_changes, job_of
+from temporal.train import ClipEmbeddings, ClipPixels, HeadTask, ModelTask, check_same_job, embed_clips, fit, job_of
 
 Log = Callable[[dict], None]
 Cached = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # values [N,T,...], times [N,T], which clips decoded [N]
@@ -175,7 +175,9 @@ def job_identity(spec: PipelineSpec) -> dict:
 
     return {"manifest": digest(spec.train.manifest), "eval_manifest": digest(spec.train.eval_manifest),
             "model": spec.model_id(), "views": spec.tower.view_levels, "fusion": spec.tower.fusion,
-            "frames": spec.sampling.frames, "prompts": list(spec.tags.prompts)}
+            "frames": spec.sampling.frames, "prompts": list(spec.tags.prompts),
+            "short_side_px": spec.decode.short_side_px, "fine_frames": spec.tower.fine_frames,
+            "tile_overlap": spec.tower.tile_overlap}
 
 
 def run_train(spec: PipelineSpec, *, restart: bool = False) -> dict:
@@ -187,13 +189,10 @@ def run_train(spec: PipelineSpec, *, restart: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / ("head" if spec.train.backbone == "frozen" else "model")
     if restart:  # reeltag's own checkpoint directories; the decoded-clip cache stays
-        for name in ("head", "model", "model.old", "model.tmp"):
+        for name in ("head", "head.old", "head.tmp", "model", "model.old", "model.tmp"):
             shutil.rmtree(out / name, ignore_errors=True)
     elif (recover_checkpoint(checkpoint) / META_FILE).exists():  # before any decoding: refuse another job's
-        changed = job_changes(read_meta(checkpoint)["settings"], job_of(spec.train, job_identity(spec)))
-        if changed:
-            raise CheckpointError(f"{checkpoint} holds a checkpoint of another job ({', '.join(changed)} changed): "
-                                  "train it afresh with --restart, or set another output.dir")
+        check_same_job(checkpoint, job_of(spec.train, job_identity(spec)), spec.train.epochs)
     log = _log_to(out / "train_log.jsonl")
     torch.manual_seed(spec.train.seed)
     started = time.monotonic()

@@ -49,6 +49,7 @@ def _up_to(limit: float) -> dict:
 
 
 _POSITIVE = _check(lambda v: v > 0, "must be > 0, got {got}")
+_A_FRAME_OR_MORE = _check(lambda v: v >= 0.01, "must be at least 0.01 s (a frame), got {got}")  # finer: millions
 _NON_NEGATIVE = _check(lambda v: v >= 0, "must be >= 0, got {got}")
 _FRACTION = _check(lambda v: 0 < v < 1, "must be between 0 and 1, got {got}")
 _OVERLAP = _check(lambda v: 0 <= v < 0.5, "must be in [0, 0.5), got {got}")
@@ -83,7 +84,8 @@ class DecodeSpec:
     max_attempts: int = field(default=3, metadata={**_up_to(100), **_SAME_ROWS})
     # Bounded work per file, whatever its header says: a video past a limit is an errors row of its own type.
     # Generous for real video (48 h, 8K, 12:1); hostile files (a 1.4 KB file declaring 90 h, a 1024x2 stream
-    # decoded at 114688x224) stop here. Not hashed: what a limit refused is tried again once it is raised.
+    # decoded at 114688x224) stop here. Not hashed; what a limit refused is final: after raising the limit,
+    # `reeltag run --retry-failed` does it again.
     max_duration_s: float = field(default=172_800.0, metadata={**_POSITIVE, **_SAME_ROWS})  # too_long
     max_pixels: int = field(default=7680 * 4320, metadata={**_POSITIVE, **_SAME_ROWS})  # too_large: per frame
     max_aspect: float = field(default=12.0, metadata={**_POSITIVE, **_SAME_ROWS})  # bad_aspect: long side / short
@@ -94,8 +96,10 @@ class DecodeSpec:
 @dataclass(frozen=True)
 class SegmentsSpec:
     mode: Literal["window", "whole", "shots"] = "window"  # window: fixed windows; whole: one; shots: camera shots
-    window_s: float = field(default=4.0, metadata=_POSITIVE)  # window length in seconds (shots: longer ones split)
-    stride_s: float | None = field(default=None, metadata=_POSITIVE)  # seconds between window starts; null: window_s
+    # window length in seconds (shots: longer ones split)
+    window_s: float = field(default=4.0, metadata=_A_FRAME_OR_MORE)
+    # seconds between window starts; null: window_s
+    stride_s: float | None = field(default=None, metadata=_A_FRAME_OR_MORE)
     min_segment_s: float = field(default=1.0, metadata=_NON_NEGATIVE)  # last partial window kept if at least this long
     shot_threshold: float = field(default=0.35, metadata=_FRACTION)  # shots: cut where histograms differ more (0..1)
     min_shot_s: float = field(default=1.0, metadata=_NON_NEGATIVE)  # shots: no cut closer than this to the previous
@@ -105,8 +109,8 @@ class SegmentsSpec:
     def __post_init__(self):
         if self.localize and self.mode != "window":
             raise _FieldProblem("localize", "needs segments.mode: window")
-        if not self.scales_s or any(v <= 0 for v in self.scales_s):
-            raise _FieldProblem("scales_s", f"must be a list of positive seconds, got {list(self.scales_s)}")
+        if not self.scales_s or any(v < 0.01 for v in self.scales_s):
+            raise _FieldProblem("scales_s", f"must be a list of seconds, each at least 0.01, got {list(self.scales_s)}")
 
 
 @dataclass(frozen=True)

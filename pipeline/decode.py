@@ -131,6 +131,9 @@ def probe(path: str) -> tuple[VideoInfo, FrameIndex]:
                     keys[at] = packet.dts if packet.dts is not None else at
                 if not packet.is_discard:  # an edit list (a cut with -c copy) hides the frames before its start
                     pts.append(at)
+            if stream.codec_context is None:  # FFmpeg knows no decoder for what the stream header now says
+                raise DecodeError("unreadable", "no decoder for the video stream (its header is damaged or its "
+                                                "codec unknown)")
             if container.format.name in _IMAGE_FORMATS or (len(pts) == 1 and stream.codec_context.name in (
                     "png", "mjpeg", "webp", "bmp", "tiff")):
                 raise DecodeError("still_image", f"a still image ({stream.codec_context.name}), not a video")
@@ -139,9 +142,6 @@ def probe(path: str) -> tuple[VideoInfo, FrameIndex]:
             container.seek(0)
             rotation = _rotation(container, stream)
             cc = stream.codec_context
-            if cc is None:  # FFmpeg knows no decoder for what the stream header now says
-                raise DecodeError("unreadable", "no decoder for the video stream (its header is damaged or its "
-                                                "codec unknown)")
             declared = float(stream.duration * stream.time_base) if stream.duration else (
                 container.duration / 1e6 if container.duration else 0.0)
             width, height = (cc.height, cc.width) if rotation in (90, 270) else (cc.width, cc.height)

@@ -280,10 +280,13 @@ class OutputWriter:
         attempts of those it will retry, for their next commit."""
         done = set()
         for vid, c in self.commits().items():
-            failure, attempts = c["error_type"] or "", c["attempts"] or 1
+            # outputs from before the manifest named failures: a failed video's failure is unknown (not transient)
+            failure = c["error_type"] or ("" if c["status"] == "ok" else "unknown")
+            attempts = c["attempts"] or 1
             retry = failure and (retry_failed or (failure in TRANSIENT_ERRORS and attempts < max_attempts))
             if retry:
-                self.attempts[vid] = attempts
+                if self.fingerprints.get(c["uri"], c["fingerprint"]) == c["fingerprint"]:
+                    self.attempts[vid] = attempts  # a changed file starts counting again
             else:
                 done.add((vid, c["fingerprint"]))
         return done
@@ -337,9 +340,10 @@ class OutputWriter:
         now, manifest = time.time(), []
         segments_of = Counter(r["video_id"] for r in good)
         failed_ids = {r["video_id"] for r in bad}
-        failure_of = {}
+        failure_of = {}  # the video's failure: its decode's (the end row), else its first segment's
         for r in bad:
-            failure_of.setdefault(r["video_id"], r["error_type"])
+            if r["kind"] == "end" or r["video_id"] not in failure_of:
+                failure_of[r["video_id"]] = r["error_type"]
         for end in (r for r in self._ready if r["kind"] == "end"):
             n, failed = segments_of[end["video_id"]], end["video_id"] in failed_ids
             manifest.append({"video_id": end["video_id"], "uri": end["uri"],

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_path
+from .files import atomic_path, write_text_atomic
 from .pooling import AttentionPooling
 
 HEAD_FILE, META_FILE = "head.safetensors", "head.json"
@@ -68,8 +68,9 @@ def trained_view_levels(path: str | os.PathLike) -> list[int] | None:
 def save_checkpoint(directory: str | os.PathLike, head: AttentionPooling, shape: HeadShape, log_scale: torch.Tensor,
                     *, epoch: int, settings: dict, optimizer: torch.optim.Optimizer | None = None,
                     fuse: torch.nn.Module | None = None, view_levels: list[int] | None = None) -> Path:
-    """Write ``head.safetensors`` and ``head.json`` into ``directory``, each atomically; with ``fuse``, the trained
-    view fusion too (``view_levels``: the level of each view it fuses)."""
+    """Write ``head.safetensors`` and ``head.json`` into ``directory``, each atomically (training writes a whole
+    checkpoint into a fresh directory and swaps it in: :func:`swap_in`); with ``fuse``, the trained view fusion
+    too (``view_levels``: the level of each view it fuses)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
@@ -86,8 +87,7 @@ def save_checkpoint(directory: str | os.PathLike, head: AttentionPooling, shape:
         meta["param_groups"] = [dict(g) for g in state["param_groups"]]
     with atomic_path(directory / HEAD_FILE) as tmp:
         save_file(tensors, tmp)
-    with atomic_path(directory / META_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
     return directory
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -11,23 +10,19 @@ from typing import Iterator
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A hidden temporary path beside ``path`` to write to (a file or a directory); when the block ends without an
-    error it is flushed to disk and renamed onto ``path`` in one step, otherwise removed. Readers see the old
-    ``path`` or the whole new one, never a part."""
+    """A hidden temporary path beside ``path`` to write a file to; when the block ends without an error it is
+    flushed to disk and renamed onto ``path`` in one step, otherwise removed. Readers see the old ``path`` or the
+    whole new one, never a part. (A directory is swapped in with ``temporal.checkpoint.swap_in``.)"""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

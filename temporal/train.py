@@ -15,9 +15,10 @@ import dataclasses
 import math
 import shutil
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +127,18 @@ def job_of(settings: TrainSpec, data: dict | None = None) -> dict:
     return {**hyper, **(data or {})}
 
 
-def job_changes(recorded: dict, job: dict) -> list[str]:
-    """The keys in which two jobs differ; more epochs is the same job, trained longer."""
-    return sorted(k for k in set(recorded) | set(job) if k != "epochs" and recorded.get(k) != job.get(k))
+def check_same_job(directory: Path, job: dict, epochs: int) -> None:
+    """CheckpointError unless the checkpoint in ``directory`` is of ``job`` and can go on to ``epochs`` (more epochs
+    is the same job, trained longer; fewer would train nothing and say it had)."""
+    meta = read_meta(directory)
+    changed = sorted(k for k in set(meta["settings"]) | set(job)
+                     if k != "epochs" and meta["settings"].get(k) != job.get(k))
+    if changed:
+        raise CheckpointError(f"{directory} holds a checkpoint of another job ({', '.join(changed)} changed): "
+                              "train it afresh with --restart, or set another output.dir")
+    if meta["epoch"] > epochs:
+        raise CheckpointError(f"{directory} has trained {meta['epoch']} epochs already, train.epochs asks for "
+                              f"{epochs}: raise train.epochs to train on, or --restart")
 
 
 class Task(Protocol):
@@ -194,9 +204,9 @@ class HeadTask:
 
     def save(self, directory: Path, epoch: int, optimizer: torch.optim.Optimizer | None) -> None:
         levels = None if self.fuse is None else self.data.view_levels.tolist()
-        save_checkpoint(directory, self.head, self.shape, self.log_scale, epoch=epoch,
-                        settings=self.job, optimizer=optimizer, fuse=self.fuse,
-                        view_levels=levels)
+        with _swapped(directory) as tmp:
+            save_checkpoint(tmp, self.head, self.shape, self.log_scale, epoch=epoch, settings=self.job,
+                            optimizer=optimizer, fuse=self.fuse, view_levels=levels)
 
 
 class ModelTask:
@@ -253,12 +263,21 @@ class ModelTask:
         return meta, opt
 
     def save(self, directory: Path, epoch: int, optimizer: torch.optim.Optimizer | None) -> None:
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.encoder.save_pretrained(tmp)
-        save_checkpoint(tmp, self.head, self.shape, self.encoder.model.logit_scale, epoch=epoch,
-                        settings=self.job, optimizer=optimizer)
-        swap_in(tmp, directory)
+        with _swapped(directory) as tmp:
+            self.encoder.save_pretrained(tmp)
+            save_checkpoint(tmp, self.head, self.shape, self.encoder.model.logit_scale, epoch=epoch,
+                            settings=self.job, optimizer=optimizer)
+
+
+@contextmanager
+def _swapped(directory: Path) -> Iterator[Path]:
+    """A fresh directory to write a whole checkpoint into, swapped in for ``directory`` when the block ends: a
+    crash anywhere leaves the previous epoch's checkpoint whole (weights and meta of one epoch, never mixed)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    swap_in(tmp, directory)
 
 
 def learning_rate(step: int, total: int, peak: float) -> float:
@@ -314,10 +333,7 @@ def fit(task: Task, settings: TrainSpec, *, checkpoint_dir: str | Path, log: Cal
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     start = 0
     if (checkpoint_dir / META_FILE).exists():
-        changed = job_changes(read_meta(checkpoint_dir)["settings"], task.job)
-        if changed:
-            raise CheckpointError(f"{checkpoint_dir} holds a checkpoint of another job ({', '.join(changed)} "
-                                  "changed): train it afresh with --restart, or set another output.dir")
+        check_same_job(checkpoint_dir, task.job, settings.epochs)
         meta, opt = task.load(checkpoint_dir)
         restore_optimizer(optimizer, meta, opt)
         start = meta["epoch"]

@@ -67,7 +67,7 @@ def test_bad_value_names_line_key_and_value(files):
           mode: window
           window_s: -2
         """)
-    assert _errors(text) == ["pipeline.yaml:11 segments.window_s: must be > 0, got -2"]
+    assert _errors(text) == ["pipeline.yaml:11 segments.window_s: must be at least 0.01 s (a frame), got -2"]
 
 
 def test_unknown_key_lists_the_known_ones(files):
@@ -201,7 +201,8 @@ def test_overrides_are_parsed_as_yaml_and_validated(files, archive):
     a, b = archive / "clip0.mp4", archive / "clip1.mp4"
     spec = parse_spec(_yaml(files), overrides=["segments.window_s=2.5", f"input.paths=[{a},{b}]", "ray.address=auto"])
     assert spec.segments.window_s == 2.5 and check_spec(spec) == [str(a), str(b)] and spec.ray.address == "auto"
-    assert _errors(_yaml(files), ["segments.window_s=-1"]) == ["--set segments.window_s: must be > 0, got -1"]
+    assert _errors(_yaml(files), ["segments.window_s=-1"]) == [
+        "--set segments.window_s: must be at least 0.01 s (a frame), got -1"]
     assert _errors(_yaml(files), ["segments.window"])[0].startswith("--set segments.window: expected key.path=value")
     assert _errors(_yaml(files), ["nosuch.key=1"])[0].startswith("--set nosuch: unknown key")
 

@@ -63,8 +63,10 @@ def test_decode_workers_never_load_torch(archive, tiny_clip_dir, vocab_file, tmp
     (tmp_path / "stage.pkl").write_bytes(pickle.dumps(stage))
     code = ("import pickle, sys; stage = pickle.load(open(sys.argv[1], 'rb'));"
             "rows = list(stage({'uri': sys.argv[2]})); assert rows[-1]['kind'] == 'end' and len(rows) == 4, rows[-1];"
-            "print(sorted(m for m in ('torch', 'transformers', 'encoders', 'ray') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'encoders', 'ray') if m in sys.modules));"
+            "import pipeline.stages as s; child = next(iter(s._DECODERS.values())).pid;"  # the decoder process
+            "print('libtorch' in open(f'/proc/{child}/maps').read())")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "stage.pkl"), str(archive / "clip0.mp4")],
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.split() == ["[]", "False"]

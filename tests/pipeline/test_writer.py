@@ -164,7 +164,7 @@ def test_a_symlinked_table_directory_is_refused(tmp_path):
 
 
 def test_transient_failures_are_retried_up_to_max_attempts_and_permanent_ones_only_when_asked(tmp_path):
-    def run(settled_of: str = "", **kwargs) -> set:
+    def run(**kwargs) -> set:
         writer = OutputWriter(tmp_path, config_hash="h", model="m")
         settled = writer.settled(max_attempts=3, **kwargs)
         todo = [vid for vid in ("hangs", "broken", "good") if (vid, "") not in settled]
