@@ -144,3 +144,35 @@ def test_the_default_plan_runs_on_one_cpu_and_an_impossible_one_is_refused(confi
     assert stuck.returncode == 2, stuck.stderr
     (line,) = stuck.stderr.strip().splitlines()
     assert "the job would wait for ever" in line and "ray.encoder_actors" in line
+
+
+@pytest.mark.slow
+def test_a_hang_is_retried_on_the_next_runs_up_to_max_attempts(config, archive, tmp_path):
+    """A FIFO nobody writes to hangs its decoder (a transient failure: timeout); the broken file is the file's own
+    failure. Run 1 records both, run 2 tries the hang again (attempt 2) but not the broken file, run 3 leaves the
+    hang final (decode.max_attempts: 2) and does nothing; --retry-failed does both again."""
+    import os
+
+    fifo = tmp_path / "stalled.mp4"
+    os.mkfifo(fifo)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{fifo}\n{archive / 'broken.mp4'}\n")
+    out = tmp_path / "retry"
+    args = ["--set", f"output.dir={out}", "--set", "input.paths=[]", "--set", f"input.manifest={manifest}",
+            "--set", "decode.timeout_s=2", "--set", "decode.max_attempts=2"]
+
+    def run(*extra: str) -> dict:
+        result = reeltag("run", config, *args, *extra)
+        assert result.returncode == 0, result.stderr
+        return json.loads((out / "run.json").read_text())
+
+    first = run()
+    assert first["errors_by_type"] == {"timeout": 1, "unreadable": 1} and first["videos_skipped"] == 0
+    second = run()
+    assert second["errors_by_type"] == {"timeout": 1} and second["videos_skipped"] == 1
+    attempts: dict = {}
+    for r in read_table(out, "manifest").to_pylist():
+        attempts.setdefault(Path(r["uri"]).name, []).append(r["attempts"])
+    assert {k: sorted(v) for k, v in attempts.items()} == {"stalled.mp4": [1, 2], "broken.mp4": [1]}
+    assert run()["videos_skipped"] == 2
+    assert run("--retry-failed")["errors_by_type"] == {"timeout": 1, "unreadable": 1}
