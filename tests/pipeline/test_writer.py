@@ -182,3 +182,17 @@ def test_transient_failures_are_retried_up_to_max_attempts_and_permanent_ones_on
                 .commits().values()}
     assert attempts == {"hangs": 3, "broken": 1, "good": 1}
     assert run(retry_failed=True) == {"hangs", "broken"}  # reeltag run --retry-failed
+
+
+def test_wait_takes_the_lock_once_its_holder_is_done(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.writer import output_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.writer import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(2)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout.readline().strip() == "held"
+    with output_lock(tmp_path, wait=True):
+        assert holder.wait(timeout=1) == 0  # it had finished: the lock came when it let go
