@@ -22,38 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.pipeline_bench import process_tree_rss  # noqa: E402
 from encoders._tiny import save_tiny  # noqa: E402
 from tests.pipeline.test_fuzz import CODECS, damaged_copies  # noqa: E402
-
-
-def tree_rss(root: int) -> int:
-    """Summed RSS in bytes of process ``root`` and all its descendants, from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        pid = int(entry.name)
-        children.setdefault(int(fields["PPid"]), []).append(pid)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo += children.get(pid, [])
-    return total
 
 
 def peak_rss(proc: subprocess.Popen) -> tuple[int, float]:
     """Wait for ``proc``; its return code and the peak summed RSS (MiB) of it and all its descendants."""
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        peak = max(peak, process_tree_rss(proc.pid) * 1024)
         time.sleep(0.2)
     return proc.returncode, peak / 2 ** 20
 
