@@ -60,7 +60,7 @@ def test_validate(config, archive):
     assert len(ok.stdout.strip().splitlines()) == 1
     bad = reeltag("validate", config, "--set", "segments.window_s=-2", "--set", "sampling.frames=many")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "--set segments.window_s: must be > 0, got -2" in bad.stderr
+    assert "--set segments.window_s: must be at least 0.01 s (a frame), got -2" in bad.stderr
     assert "--set sampling.frames: expected a whole number, got a string" in bad.stderr
     config.write_text(config.read_text().replace("top_k: 3", "top_k: 0"))
     bad = reeltag("validate", config)
