@@ -23,7 +23,16 @@ from temporal.pooling import AttentionPooling, build_pooler, mean_pool
 from ._registry import create_encoder
 from .models import ImageTextEncoder, checkpoint_preprocess
 from .preprocess import preprocess
-from .text import Vocabulary, calibrate, label_embeddings, load_vocabulary, null_images, tag_probabilities, top_tags
+from .text import (
+    Calibration,
+    Vocabulary,
+    calibrate,
+    label_embeddings,
+    load_vocabulary,
+    null_images,
+    tag_probabilities,
+    top_tags,
+)
 from .tower import HierarchicalTower, TowerOutput
 
 if TYPE_CHECKING:  # the schema is data the factory reads; encoders never import the pipeline at run time
@@ -79,7 +88,7 @@ class Tagger:
 
     vocab: Vocabulary
     label_emb: torch.Tensor  # [L, D] normalised
-    calibration: object  # encoders.text.Calibration
+    calibration: Calibration
     logit_scale: float
     top_k: int
 

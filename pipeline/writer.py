@@ -261,10 +261,6 @@ class OutputWriter:
         print(f"reeltag: warning: shard {shard} could not be read; moved to {self.out_dir / 'quarantine'}, its "
               "videos are done again", file=sys.stderr)
 
-    def finished(self) -> set[tuple[str, str]]:
-        """(video id, fingerprint) pairs committed for this config."""
-        return {(vid, c["fingerprint"]) for vid, c in self.commits().items()}
-
     def commits(self) -> dict[str, dict]:
         """Each video's latest commit for this config: its manifest row."""
         t = read_table(self.out_dir, "manifest", self.config_hash)
