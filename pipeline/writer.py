@@ -1,11 +1,13 @@
 """Output tables: Parquet shards written to a temporary name and renamed, so a crash never leaves half a shard.
 
 The driver receives a stream of rows (segment rows with embeddings and tags, one ``end`` row per video that
-says how many segment rows the video has and whether it failed). A video is written only once all its rows
+says how many segment rows the video has and whether it failed). A video is committed only once all its rows
 are in. A flush writes ``segments/part-X``, ``errors/part-X`` and then ``manifest/part-X``: the manifest shard
-is the commit. Readers only see shards whose manifest shard exists (and, per video, only its latest commit),
-so a run killed at any point and re-run gives exactly a clean run's rows: nothing duplicated, nothing missing.
-The manifest records each video's fingerprint (size, modification time), so a changed file is done again.
+is the commit. A long video is not held whole: each ``shard_rows`` of its rows go to a shard of their own (a
+*part*, with no manifest shard), and its commit names its parts. Readers only see a video's latest commit whose
+parts are all there, so a run killed at any point and re-run gives exactly a clean run's rows: nothing
+duplicated, nothing missing; the next run removes the parts no commit names. The manifest records each video's
+fingerprint (size, modification time), so a changed file is done again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -89,6 +92,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("committed_at", pa.float64()),  # unix time of the commit; the latest commit of a video wins
     ("error_type", pa.string()),  # the video's first failure ("" when none; null in outputs from before)
     ("attempts", pa.int32()),  # runs that have tried it under this config and fingerprint (null: 1)
+    ("parts", pa.list_(pa.string())),  # shards holding the video's earlier rows (long videos; null: none)
 ])
 
 # Failures worth another run: the decoder hung or died, or a remote read broke. Any other (unreadable, no video
@@ -162,21 +166,45 @@ def _read_table(out_dir: Path, name: str) -> pa.Table:
     manifest = {f.name: t for f in _shards(out_dir / "manifest")
                 if (t := _read_shard(f, MANIFEST_SCHEMA)) is not None}
     if name == "manifest":
-        return pa.concat_tables(manifest.values()) if manifest else schema.empty_table()
-    latest: dict[tuple, tuple[float, str]] = {}
-    for shard, table in manifest.items():
-        for vid, config, at in zip(*(table[c].to_pylist() for c in ("video_id", "config_hash", "committed_at"))):
-            if (vid, config) not in latest or at >= latest[(vid, config)][0]:
-                latest[(vid, config)] = (at, shard)
+        return _complete(out_dir, pa.concat_tables(manifest.values())) if manifest else schema.empty_table()
     tables = []
-    for shard in manifest:
+    for shard, keep in _chosen(out_dir, manifest).items():
         path = out_dir / name / shard
         table = _read_shard(path, schema) if path.is_file() else None
         if table is not None:
-            keep = [latest[(v, c)][1] == shard for v, c in zip(table["video_id"].to_pylist(),
-                                                               table["config_hash"].to_pylist())]
-            tables.append(table.filter(pa.array(keep, pa.bool_())))
+            mask = [(v, c) in keep for v, c in zip(table["video_id"].to_pylist(), table["config_hash"].to_pylist())]
+            tables.append(table.filter(pa.array(mask, pa.bool_())))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _chosen(out_dir: Path, manifest: dict[str, pa.Table]) -> dict[str, set[tuple[str, str]]]:
+    """shard name -> the (video id, config) pairs whose rows readers take from it: those of each video's latest
+    commit whose parts are all there (a part lost to damage makes the commit incomplete: an earlier one counts,
+    and the next run does the video again)."""
+    present = _present(out_dir)
+    latest: dict[tuple, tuple[float, list[str]]] = {}
+    for shard, table in manifest.items():
+        for vid, config, at, parts in zip(*(table[c].to_pylist()
+                                            for c in ("video_id", "config_hash", "committed_at", "parts"))):
+            parts = parts or []
+            if all(p in present for p in parts) and ((vid, config) not in latest or at >= latest[(vid, config)][0]):
+                latest[(vid, config)] = (at, [shard, *parts])
+    chosen: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for key, (_, shards) in latest.items():
+        for shard in shards:
+            chosen[shard].add(key)
+    return chosen
+
+
+def _present(out_dir: Path) -> set[str]:
+    return {p.name for name in ("segments", "errors") for p in _shards(out_dir / name)}
+
+
+def _complete(out_dir: Path, manifest: pa.Table) -> pa.Table:
+    """The manifest rows whose parts are all there."""
+    present = _present(out_dir)
+    mask = [all(p in present for p in parts or []) for parts in manifest["parts"].to_pylist()]
+    return manifest.filter(pa.array(mask, pa.bool_()))
 
 
 class OutputError(RuntimeError):
@@ -225,19 +253,19 @@ class OutputWriter:
                 raise OutputError(f"{self.out_dir / name} is a symlink: reeltag writes only inside output.dir")
             (self.out_dir / name).mkdir(parents=True, exist_ok=True)
         self._remove_uncommitted()
-        self._rows: dict[str, list[dict]] = defaultdict(list)  # video_id -> its rows so far
-        self._ends: dict[str, dict] = {}  # video_id -> its end row, once it has arrived
-        self._ready: list[dict] = []  # rows of finished videos not yet in a shard
-        self._ready_segments = 0  # segment rows among them
+        self._videos: dict[str, _Video] = defaultdict(_Video)  # videos with rows in flight
+        self._ready: list[_Video] = []  # finished videos not yet committed
+        self._ready_rows = 0  # their rows not yet in a shard
         self.videos_ok = self.videos_failed = self.segments = 0
         self.errors_by_type: dict[str, int] = defaultdict(int)
         self.videos_by_node: dict[str, int] = defaultdict(int)  # decode
         self.segments_by_encoder_node: dict[str, int] = defaultdict(int)
 
     def _remove_uncommitted(self) -> None:
-        """Put away what a killed run or a power cut left: its temporary files and the shards without a manifest
-        shard (never read) are removed; an unreadable shard is moved to ``quarantine/`` with its manifest shard,
-        so its videos are done again. Only files with reeltag's own shard names are touched."""
+        """Put away what a killed run or a power cut left: its temporary files and the shards no commit names
+        (never read: a flush cut short, the parts of a video never committed) are removed; an unreadable shard is
+        moved to ``quarantine/`` with its manifest shard, so its videos are done again. Only files with reeltag's
+        own shard names are touched."""
         for name in ("segments", "errors", "manifest"):
             for f in (self.out_dir / name).iterdir():
                 if TEMP_NAME.fullmatch(f.name) and f.is_file() and not f.is_symlink():
@@ -246,7 +274,11 @@ class OutputWriter:
             for f in _shards(self.out_dir / name):
                 if not _readable(f):
                     self._quarantine(f.name)
-        committed = {f.name for f in _shards(self.out_dir / "manifest")}
+        committed = set()  # manifest shards, and the parts their commits name
+        for f in _shards(self.out_dir / "manifest"):
+            committed.add(f.name)
+            if (table := _read_shard(f, MANIFEST_SCHEMA)) is not None:
+                committed.update(p for parts in table["parts"].to_pylist() for p in parts or [])
         for name in ("segments", "errors"):
             for f in _shards(self.out_dir / name):
                 if f.name not in committed:
@@ -292,40 +324,35 @@ class OutputWriter:
         completed = []
         for row in table.to_pylist():
             vid = row["video_id"]
-            self._rows[vid].append(row)
-            if row["kind"] == "end":
-                self._ends[vid] = row
-            if vid in self._ends and len(self._rows[vid]) == self._ends[vid]["n_segments"] + 1:
-                rows, end = self._rows.pop(vid), self._ends.pop(vid)
-                self._ready.extend(rows)
-                self._ready_segments += end["n_segments"]
-                self._count(rows, end)
+            video = self._videos[vid]
+            video.take(row)
+            if video.end is not None and video.received == video.end["n_segments"] + 1:
+                self._ready.append(self._videos.pop(vid))
+                self._ready_rows += len(video.rows)
+                self._count(video)
                 completed.append(vid)
-        if self._ready_segments >= self.shard_rows:
+            elif len(video.rows) >= self.shard_rows:  # a long video: its rows so far go to a part
+                video.parts.append(self._write_rows(video.rows))
+                video.rows = []
+        if self._ready_rows >= self.shard_rows:
             self.flush()
         return completed
 
-    def _count(self, rows: list[dict], end: dict) -> None:
-        failures = [r for r in rows if r["error_type"]]
-        self.segments += sum(r["kind"] == "segment" and not r["error_type"] for r in rows)
-        if failures:
+    def _count(self, video: _Video) -> None:
+        self.segments += video.segments
+        if video.failure:
             self.videos_failed += 1
-            for r in failures:
-                self.errors_by_type[r["error_type"]] += 1
+            self.errors_by_type.update(video.errors)
         else:
             self.videos_ok += 1
-        self.videos_by_node[end.get("node") or "local"] += 1
-        for r in rows:
-            if r["kind"] == "segment":
-                self.segments_by_encoder_node[r.get("encoder_node") or "local"] += 1
+        self.videos_by_node[video.end.get("node") or "local"] += 1
+        self.segments_by_encoder_node.update(video.by_encoder)
 
-    def flush(self) -> None:
-        """Commit the finished videos: segments and errors shards, then the manifest shard."""
-        if not self._ready:
-            return
+    def _write_rows(self, rows: list[dict]) -> str:
+        """Write ``rows`` to a new ``segments`` and (if any failed) ``errors`` shard; return its name."""
         name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-        good = [r for r in self._ready if r["kind"] == "segment" and not r["error_type"]]
-        bad = [r for r in self._ready if r["error_type"]]
+        good = [r for r in rows if r["kind"] == "segment" and not r["error_type"]]
+        bad = [r for r in rows if r["error_type"]]
         common = {"model": self.model, "config_hash": self.config_hash}
         if bad:
             write_atomic(pa.Table.from_pylist([{**r, **common} for r in bad], schema=ERRORS_SCHEMA),
@@ -333,27 +360,54 @@ class OutputWriter:
         if good:
             write_atomic(pa.Table.from_pylist([{**r, **common} for r in good], schema=SEGMENTS_SCHEMA),
                          self.out_dir / "segments" / name)
-        now, manifest = time.time(), []
-        segments_of = Counter(r["video_id"] for r in good)
-        failed_ids = {r["video_id"] for r in bad}
-        failure_of = {}  # the video's failure: its decode's (the end row), else its first segment's
-        for r in bad:
-            if r["kind"] == "end" or r["video_id"] not in failure_of:
-                failure_of[r["video_id"]] = r["error_type"]
-        for end in (r for r in self._ready if r["kind"] == "end"):
-            n, failed = segments_of[end["video_id"]], end["video_id"] in failed_ids
-            manifest.append({"video_id": end["video_id"], "uri": end["uri"],
-                             "fingerprint": self.fingerprints.get(end["uri"], ""), **common, "n_segments": n,
-                             "status": ("partial" if n else "failed") if failed else "ok",
-                             "node": end.get("node") or "", "committed_at": now,
-                             "error_type": failure_of.get(end["video_id"], ""),
-                             "attempts": self.attempts.get(end["video_id"], 0) + 1})
+        return name
+
+    def flush(self) -> None:
+        """Commit the finished videos: segments and errors shards, then the manifest shard."""
+        if not self._ready:
+            return
+        name = self._write_rows([r for video in self._ready for r in video.rows])
+        now = time.time()
+        manifest = [{"video_id": v.end["video_id"], "uri": v.end["uri"],
+                     "fingerprint": self.fingerprints.get(v.end["uri"], ""), "config_hash": self.config_hash,
+                     "model": self.model, "n_segments": v.segments,
+                     "status": ("partial" if v.segments else "failed") if v.failure else "ok",
+                     "node": v.end.get("node") or "", "committed_at": now, "error_type": v.failure,
+                     "attempts": self.attempts.get(v.end["video_id"], 0) + 1, "parts": v.parts}
+                    for v in self._ready]
         write_atomic(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), self.out_dir / "manifest" / name)
-        self._ready, self._ready_segments = [], 0
+        self._ready, self._ready_rows = [], 0
 
     def unfinished(self) -> list[str]:
         """Videos with rows but no complete set (only after a failure upstream)."""
-        return list(self._rows)
+        return list(self._videos)
+
+
+@dataclass
+class _Video:
+    """A video's rows as they stream in: those not yet in a shard, and what the commit says of all of them."""
+
+    rows: list[dict] = field(default_factory=list)  # not yet in a shard
+    parts: list[str] = field(default_factory=list)  # shards holding the earlier ones
+    received: int = 0
+    end: dict | None = None
+    segments: int = 0  # rows encoded without error
+    failure: str = ""  # the video's failure: its decode's (the end row), else its first segment's
+    errors: Counter = field(default_factory=Counter)  # failed rows by type
+    by_encoder: Counter = field(default_factory=Counter)  # segment rows by encoder node
+
+    def take(self, row: dict) -> None:
+        self.rows.append(row)
+        self.received += 1
+        if row["kind"] == "end":
+            self.end = row
+        else:
+            self.by_encoder[row.get("encoder_node") or "local"] += 1
+            self.segments += not row["error_type"]
+        if row["error_type"]:
+            self.errors[row["error_type"]] += 1
+            if row["kind"] == "end" or not self.failure:
+                self.failure = row["error_type"]
 
 
 def write_actions(out_dir: str | Path, actions: list[dict], *, config_hash: str) -> int:

@@ -135,6 +135,41 @@ def test_a_run_killed_with_sigkill_and_run_again_loses_and_duplicates_nothing(co
     assert_same(rows_of(out), rows_of(reference))
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg CLI is not installed")
+def test_a_long_video_killed_mid_way_leaves_nothing_seen_and_is_done_again_exactly(config, tmp_path):
+    """A 40 s file made by the ffmpeg CLI, 40 windows, committed 4 rows at a time in parts: the job is SIGKILLed
+    once parts are on disk and before the commit; readers see none of it, the re-run removes the dead parts and
+    gives exactly a clean run's rows."""
+    root = tmp_path / "long"
+    root.mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=15:duration=40",
+                    "-c:v", "libx264", "-g", "30", "-pix_fmt", "yuv420p", str(root / "long.mp4")], check=True)
+    slow = ["--set", f"input.paths=[{root}]", "--set", "tower.levels=[1,2,3]", "--set", "tower.fusion=mean",
+            "--set", "sampling.frames=16"]
+    reference = tmp_path / "clean"
+    run(config, reference, *slow)
+    out = tmp_path / "out"
+    job = run(config, out, *slow, wait=False)
+
+    def uncommitted() -> set[str]:
+        return {p.name for p in (out / "segments").glob("part-*.parquet")} - \
+            {p.name for p in (out / "manifest").glob("part-*.parquet")}
+
+    _wait_for(lambda: (out / "segments").is_dir() and uncommitted(), timeout=300)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    if not list((out / "manifest").glob("part-*.parquet")):  # killed before the commit (its usual place)
+        assert read_table(out, "segments").num_rows == 0 and uncommitted()
+    run(config, out, *slow)
+    assert_same(rows_of(out), rows_of(reference))
+    assert len(rows_of(out)) == 40
+    (commit,) = read_table(out, "manifest").to_pylist()
+    named = {*commit["parts"], *(p.name for p in (out / "manifest").glob("part-*.parquet"))}
+    shards = {p.name for p in (out / "segments").glob("part-*.parquet")}
+    assert set(commit["parts"]) <= shards <= named  # no dead part left
+    assert len(commit["parts"]) >= 9  # 40 rows, 4 at a time (and the last few with the commit)
+
+
 def test_a_mixed_archive_tags_every_good_video_and_records_every_bad_one(config, tmp_path):
     root = tmp_path / "mixed"
     root.mkdir()

@@ -201,3 +201,44 @@ def test_wait_takes_the_lock_once_its_holder_is_done(tmp_path):
     assert holder.stdout.readline().strip() == "held"
     with output_lock(tmp_path, wait=True):
         assert holder.wait(timeout=1) == 0  # it had finished: the lock came when it let go
+
+
+def test_a_long_video_is_committed_in_parts_and_a_killed_runs_parts_are_never_read(tmp_path):
+    """The writer holds at most ``shard_rows`` of a video's rows: the rest are in parts its commit names. A run
+    killed before the commit leaves parts no commit names: never read, removed by the next run."""
+    long = [_segment("long", i, i, i + 1, {}) for i in range(10)]
+    killed = OutputWriter(tmp_path, config_hash="h", model="m", shard_rows=4)
+    killed.add(pa.Table.from_pylist(long[:9], schema=STREAM_SCHEMA))
+    parts = sorted(p.name for p in (tmp_path / "segments").glob("part-*.parquet"))
+    assert len(parts) == 2 and len(killed._videos["long"].rows) == 1  # 4 + 4 rows written, 1 held
+    assert read_table(tmp_path, "segments").num_rows == 0 and read_table(tmp_path, "manifest").num_rows == 0
+
+    writer = OutputWriter(tmp_path, config_hash="h", model="m", shard_rows=4)  # the next run
+    assert not list((tmp_path / "segments").glob("part-*.parquet"))  # the dead parts are gone
+    for first in range(0, 10, 3):  # rows arrive in batches, another video's among them
+        writer.add(pa.Table.from_pylist(long[first:first + 3], schema=STREAM_SCHEMA))
+    writer.add(pa.Table.from_pylist([_segment("short", 0, 0, 1, {}), _end("short", 1), _end("long", 10)],
+                                    schema=STREAM_SCHEMA))
+    writer.flush()
+    segments = read_table(tmp_path, "segments")
+    assert sorted(segments.filter(pa.compute.equal(segments["video_id"], "long"))["segment_id"].to_pylist()) \
+        == list(range(10))
+    commit = writer.commits()["long"]
+    assert (commit["n_segments"], commit["status"], len(commit["parts"])) == (10, "ok", 2)
+    assert not writer.commits()["short"]["parts"]
+
+    OutputWriter(tmp_path, config_hash="h", model="m", shard_rows=4)  # a later run keeps the named parts
+    assert read_table(tmp_path, "segments").num_rows == 11
+    (tmp_path / "segments" / commit["parts"][0]).unlink()  # a part lost (damage, a hand): the commit is incomplete
+    assert set(OutputWriter(tmp_path, config_hash="h", model="m").commits()) == {"short"}  # long is done again
+    assert read_table(tmp_path, "segments")["video_id"].to_pylist() == ["short"]
+
+
+def test_outputs_from_before_parts_read_as_commits_without_parts(tmp_path):
+    writer = OutputWriter(tmp_path, config_hash="h", model="m")
+    writer.add(pa.Table.from_pylist([_segment("a", 0, 0, 2, {}), _end("a", 1)], schema=STREAM_SCHEMA))
+    writer.flush()
+    shard = next((tmp_path / "manifest").glob("*.parquet"))
+    pq.write_table(pq.read_table(shard).drop_columns(["parts", "attempts", "error_type"]), shard)
+    assert read_table(tmp_path, "segments").num_rows == 1
+    assert read_table(tmp_path, "manifest")["parts"].to_pylist() == [None]
