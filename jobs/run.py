@@ -7,7 +7,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -85,6 +87,93 @@ def fit_plan(spec: RaySpec, cpus: float, gpus: float) -> RaySpec:
                         "would wait for ever): lower ray.encoder_actors, ray.encoder_cpus or ray.decode_cpus, or "
                         "leave them null to fit")
     return dataclasses.replace(spec, decode_cpus=decode, encoder_cpus=encoder)
+
+
+class Unschedulable(PlanError):
+    """A stage waited ``ray.unschedulable_s`` for resources Ray could not give it, after the job had started."""
+
+
+class Watchdog:
+    """Watches, from a thread on the driver, for a stage Ray cannot schedule once the job runs (a node lost, the
+    cluster taken by other jobs): Ray holding a request shaped like a decode task or an encoder actor pending, no
+    row reaching the driver, for ``ray.unschedulable_s``. Then :class:`Unschedulable` is raised in the driver's
+    loop (by a signal: the loop may be blocked in Ray). Reads Ray's own scheduler state (the GCS), which the
+    embedded Ray has too; no dashboard needed. Inactive off the main thread, where no signal handler can be set."""
+
+    SIGNAL = signal.SIGUSR1
+
+    def __init__(self, ray: ModuleType, spec: RaySpec, *, interval_s: float = 2.0):
+        self.ray, self.spec, self.interval_s = ray, spec, interval_s
+        self.verdict: str | None = None
+        self.last_row = time.monotonic()
+        self._since: dict[str, float] = {}  # stage -> when its request was first seen pending
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="reeltag-watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        if self.spec.unschedulable_s is not None and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.SIGNAL, self._raise)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+            signal.signal(self.SIGNAL, self._previous)
+
+    def _raise(self, signum, frame) -> None:
+        if self.verdict is not None and not self._stop.is_set():
+            raise Unschedulable(self.verdict)
+
+    def rows_arrived(self) -> None:
+        self.last_row = time.monotonic()
+
+    def waiting(self) -> dict[str, str]:
+        """Stage -> what it asks for, for each stage Ray holds a request of pending now."""
+        from ray._private.state import state
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(self.ray.get_runtime_context().gcs_address)
+        pending = [b.bundle for d in status.resource_demands.ray_task_actor_demand for b in d.bundles_by_count]
+        encoders = [a["State"] for a in state.actor_table(None).values()
+                    if "(_RayEncode)" in a["ActorClassName"]]
+        shapes = {"decode": (self.spec.decode_cpus, 0.0),
+                  "encode": (self.spec.encoder_cpus, self.spec.gpus_per_actor)}
+        waiting = {}
+        for stage, (cpus, gpus) in shapes.items():
+            if stage == "encode" and all(state == "ALIVE" for state in encoders):
+                continue  # every encoder actor runs: a request of the same shape is a decode task's
+            if any(abs(b.get("CPU", 0) - cpus) < 1e-6 and abs(b.get("GPU", 0) - gpus) < 1e-6 for b in pending):
+                kind = "an encoder actor" if stage == "encode" else "a decode task"
+                waiting[stage] = f"{kind} of {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+        if waiting:
+            free = {}
+            for node in status.active_nodes:
+                for u in node.resource_usage.usage:
+                    total, used = free.get(u.resource_name, (0.0, 0.0))
+                    free[u.resource_name] = (total + u.total, used + u.used)
+            room = ", ".join(f"{t - u:g} of {t:g} {name}s" for name, (t, u) in sorted(free.items())
+                             if name in ("CPU", "GPU"))
+            waiting = {stage: f"{what} (free now: {room or 'nothing'})" for stage, what in waiting.items()}
+        return waiting
+
+    def _watch(self) -> None:
+        limit = self.spec.unschedulable_s
+        while not self._stop.wait(self.interval_s):
+            try:
+                waiting = self.waiting()
+            except Exception:  # noqa: BLE001 - the GCS busy or going away: look again
+                continue
+            now = time.monotonic()
+            self._since = {stage: self._since.get(stage, now) for stage in waiting}
+            for stage, what in waiting.items():
+                if now - max(self._since[stage], self.last_row) >= limit:
+                    self.verdict = (f"ray: the {stage} stage has waited {limit:g} s for {what} that Ray cannot "
+                                    "place: a node was lost or the cluster is busy with other jobs; what was "
+                                    "committed is kept, run again when it has room (ray.unschedulable_s)")
+                    signal.pthread_kill(threading.main_thread().ident, self.SIGNAL)
+                    return
 
 
 class JobError(RuntimeError):
@@ -170,7 +259,11 @@ def run_pipeline(spec: PipelineSpec, *, command: str = "run", wait: bool = False
                               fingerprints=prints)
         settled = writer.settled(max_attempts=spec.decode.max_attempts, retry_failed=retry_failed)
         todo = [uri for uri in videos if (video_id(uri), prints[uri]) not in settled]
-        _stream(spec, todo, writer)
+        try:
+            _stream(spec, todo, writer)
+        except Unschedulable:
+            writer.flush()  # the videos that did finish
+            raise
         actions = None
         if spec.segments.localize and spec.tags.vocabulary:  # from the stored windows: no decoding, no model
             windows = read_table(out, "segments", digest).select(["video_id", "uri", "start_s", "end_s", "tags"])
@@ -204,10 +297,12 @@ def _stream(spec: PipelineSpec, todo: list[str], writer: OutputWriter) -> None:
                                 batch_format="numpy")
             # write: on the driver, whole videos per shard, as rows stream in
             done = 0
-            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                done += len(writer.add(table))
-                if done < len(todo):
-                    progress.update(done, writer.segments)
+            with Watchdog(ray, spec.ray) as watchdog:
+                for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    watchdog.rows_arrived()
+                    done += len(writer.add(table))
+                    if done < len(todo):
+                        progress.update(done, writer.segments)
         writer.flush()
     progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
 

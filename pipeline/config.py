@@ -237,6 +237,9 @@ class RaySpec:
     encoder_cpus: float | None = field(default=None, metadata=_POSITIVE)
     threads_per_actor: int = field(default=1, metadata=_POSITIVE)  # torch threads in each encoder actor
     gpus_per_actor: float = field(default=0.0, metadata=_NON_NEGATIVE)  # GPUs per encoder actor
+    # seconds a stage may wait for resources Ray cannot give it (a node lost, a cluster taken by others) before the
+    # job says which and stops; null: wait for ever
+    unschedulable_s: float | None = field(default=60.0, metadata=_up_to(86400))
     verbose: bool = False  # show Ray's own logs and progress bars
 
 

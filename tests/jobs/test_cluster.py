@@ -119,20 +119,69 @@ def test_an_encoder_worker_killed_mid_run_is_restarted_and_the_output_is_identic
     assert_same(rows_of(out), clean)
 
 
-def test_a_run_killed_with_sigkill_and_run_again_loses_and_duplicates_nothing(config, tmp_path):
-    slow = ["--set", "tower.levels=[1,2,3]", "--set", "tower.fusion=mean", "--set", "sampling.frames=16"]
-    reference = tmp_path / "clean"  # 21 views a frame: slow enough to be killed mid-run
-    run(config, reference, *slow)
+SLOW = ["--set", "tower.levels=[1,2,3]", "--set", "tower.fusion=mean", "--set", "sampling.frames=16"]  # 21 views a
+# frame: slow enough to be stopped mid-run
+
+
+@pytest.fixture(scope="module")
+def slow_clean(tmp_path_factory, config) -> dict:
+    out = tmp_path_factory.mktemp("slow") / "out"
+    run(config, out, *SLOW)
+    return rows_of(out)
+
+
+def test_a_run_killed_with_sigkill_and_run_again_loses_and_duplicates_nothing(config, slow_clean, tmp_path):
     out = tmp_path / "out"
-    job = run(config, out, *slow, wait=False)
+    job = run(config, out, *SLOW, wait=False)
     _wait_for(lambda: list((out / "manifest").glob("*.parquet")), timeout=300)
     os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started, as when a machine goes down
     job.wait()
     partial = rows_of(out)
     assert 0 < len(partial) < 40
-    again = run(config, out, *slow)
+    again = run(config, out, *SLOW)
     assert "already done" in again.stdout
-    assert_same(rows_of(out), rows_of(reference))
+    assert_same(rows_of(out), slow_clean)
+
+
+def test_a_stage_left_without_resources_mid_run_is_named_and_the_job_stops(config, slow_clean, tmp_path):
+    """Two 1-CPU nodes (and a head without CPUs): the encoder actor holds one, decode tasks run on the other. That
+    node is lost mid-run: the decode stage can never be scheduled again. The job says so in one line and exits 2
+    (was: waited for ever, silently); what it committed is kept, and a re-run on a whole cluster finishes it."""
+    import ray
+    from ray._private.state import state
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        out = tmp_path / "out"
+        job = run(config, out, *SLOW, "--set", f"ray.address={cluster.address}", "--set", "ray.unschedulable_s=5",
+                  wait=False)
+        _wait_for(lambda: list((out / "manifest").glob("*.parquet")), timeout=300)
+        ray.init(address=cluster.address, log_to_driver=False)
+        (encoder,) = [a["Address"]["NodeID"] for a in state.actor_table(None).values()
+                      if "(_RayEncode)" in a["ActorClassName"] and a["State"] == "ALIVE"]
+        (decoder,) = [n for n in nodes if n.node_id != encoder]
+        cluster.remove_node(decoder)
+        started = time.monotonic()
+        _, stderr = job.communicate(timeout=300)
+        assert job.returncode == 2, stderr
+        lines = [line for line in stderr.splitlines() if line.startswith("reeltag")]
+        assert lines == ["reeltag: ray: the decode stage has waited 5 s for a decode task of 1 CPU that Ray cannot "
+                         "place: a node was lost or the cluster is busy with other jobs; what was committed is kept, "
+                         "run again when it has room (ray.unschedulable_s)".replace(
+                             "1 CPU that", "1 CPU (free now: 0 of 1 CPUs) that")], stderr
+        assert time.monotonic() - started < 60 and "Traceback" not in stderr
+        kept = rows_of(out)
+        assert 0 < len(kept) < 40
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        run(config, out, *SLOW, "--set", f"ray.address={cluster.address}")
+        assert_same(rows_of(out), slow_clean)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg CLI is not installed")
@@ -144,8 +193,7 @@ def test_a_long_video_killed_mid_way_leaves_nothing_seen_and_is_done_again_exact
     root.mkdir()
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=15:duration=40",
                     "-c:v", "libx264", "-g", "30", "-pix_fmt", "yuv420p", str(root / "long.mp4")], check=True)
-    slow = ["--set", f"input.paths=[{root}]", "--set", "tower.levels=[1,2,3]", "--set", "tower.fusion=mean",
-            "--set", "sampling.frames=16"]
+    slow = ["--set", f"input.paths=[{root}]", *SLOW]
     reference = tmp_path / "clean"
     run(config, reference, *slow)
     out = tmp_path / "out"

@@ -48,6 +48,8 @@ CASES = [
     ("3,000-deep nesting", _deep, "nested deeper than"),
     ("a YAML alias bomb", _alias_bomb, "more values than 10,000"),
     ("an infinite timeout", lambda r, g: g + "decode: {timeout_s: .inf}\n", "decode.timeout_s: must be a finite"),
+    ("a watchdog that never waits", lambda r, g: g + "ray: {unschedulable_s: 0}\n",
+     "ray.unschedulable_s: must be > 0 and at most 86400"),
     ("a number that explodes work", lambda r, g: g + "sampling: {frames: 100000}\n",
      "sampling.frames: must be > 0 and at most 512"),
     ("a repeated vocabulary label", _vocab, "tags.vocabulary: "),
