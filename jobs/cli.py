@@ -20,10 +20,19 @@ from temporal.checkpoint import CheckpointError
 from .demo import run_demo
 from .report import ReportError, write_report
 from .run import JobError, PlanError, RayStartError, format_summary, run_pipeline
-from .search import Index, SearchError, build_index, format_results, search
+from .search import Filters, Index, SearchError, build_index, format_results, search
 from .train import TrainError, format_metrics, run_eval, run_train
 
 T = TypeVar("T")
+
+
+def _positive(kind: type) -> Callable[[str], T]:
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -51,11 +60,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="start afresh, replacing a checkpoint in output.dir (default: resume the same job, "
                             "refuse another's)")
     _add_config(sub.add_parser("eval", help="evaluate on train.eval_manifest: R@1/5/10, median rank, top-1, mAP"))
-    search = sub.add_parser("search", help="rank stored segments of an output directory for a text query")
+    search = sub.add_parser("search", help="rank stored segments of an output directory for a text query, a still "
+                                           "image or a segment")
     search.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
-    search.add_argument("query", help='what to find, e.g. "a person opening a car door"')
-    search.add_argument("--top-k", type=int, default=10, help="results to return")
-    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument("query", nargs="?", help='what to find, e.g. "a person opening a car door"')
+    search.add_argument("--like", metavar="VIDEO_ID:SEGMENT_ID", help="segments like this stored one")
+    search.add_argument("--image", metavar="FILE", help="moments that look like this still image")
+    search.add_argument("--top-k", type=_positive(int), default=10, help="results to return")
+    search.add_argument("--video", help="only this video (its video_id or uri)")
+    search.add_argument("--tag", metavar="LABEL", help="only segments with this label among their stored tags")
+    search.add_argument("--min-confidence", type=float, default=0.0, help="with --tag: its least confidence")
+    search.add_argument("--after", type=float, metavar="SECONDS", help="only segments starting at or after this")
+    search.add_argument("--before", type=float, metavar="SECONDS", help="only segments ending at or before this")
+    search.add_argument("--json", action="store_true",
+                        help='print one object: {"query", "took_ms" (the index\'s own time), "results"}')
     report = sub.add_parser("report", help="write one self-contained HTML file that summarises an output directory")
     report.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
     report.add_argument("--out", help="where to write the HTML (default: OUTPUT_DIR/report.html)")
@@ -110,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             code, index = _guarded(lambda: _locked_index(spec, wait=args.wait),
                                    [((OutputInUse,), 2, "reeltag: "), ((SearchError,), 2, "reeltag index: ")])
             if index is not None:
-                print(f"index: {len(index.embeddings)} segments of config {index.config_hash} in "
+                print(f"index: {index.rows} segments of config {index.config_hash} in "
                       f"{spec.output.dir}/index/{index.config_hash}")
         return code
     except ConfigError as e:
@@ -152,11 +170,14 @@ def _run(spec: PipelineSpec, command: str, *, wait: bool = False, retry_failed: 
 
 
 def _search(args: argparse.Namespace) -> int:
-    code, results = _guarded(lambda: search(args.output_dir, args.query, top_k=args.top_k), [
-        ((SearchError,), 2, "reeltag search: "),
+    filters = Filters(video=args.video, tag=args.tag, min_confidence=args.min_confidence, after=args.after,
+                      before=args.before)
+    code, found = _guarded(lambda: search(args.output_dir, args.query, image=args.image, like_segment=args.like,
+                                          top_k=args.top_k, filters=filters), [
+        ((SearchError, OutputInUse), 2, "reeltag search: "),
         ((ModelLoadError,), 1, "reeltag search: the query cannot be embedded: ")])
-    if results is not None:
-        print(json.dumps(results, indent=2) if args.json else format_results(results))
+    if found is not None:
+        print(json.dumps(found, indent=2) if args.json else format_results(found["results"]))
     return code
 
 

@@ -131,6 +131,6 @@ def run_demo(directory: str) -> int:
     print(f"\naccuracy: {right}/{scores['segments']} segments tagged with their true caption "
           f"(colour {scores['colour']:.0%}, shape {scores['shape']:.0%}, motion {scores['motion']:.0%})")
     print(f'\nsearch "{QUERY}":')
-    print(format_results(search(spec.output.dir, QUERY, top_k=3)))
+    print(format_results(search(spec.output.dir, QUERY, top_k=3)["results"]))
     print(f"\nreport: {write_report(spec.output.dir)}")
     return 0

@@ -63,13 +63,20 @@ SEGMENTS_SCHEMA = pa.schema([
     ("segment_id", pa.int32()),
     *SPAN,
     ("frame_times_s", pa.list_(pa.float64())),
-    ("embedding", pa.list_(pa.float32())),  # L2-normalised, in the model's joint text-video space
+    # L2-normalised, in the model's joint text-video space; written as a fixed-size list (segments_schema)
+    ("embedding", pa.list_(pa.float32())),
     ("tags", pa.list_(TAG)),  # best first
     ("region_tags", pa.list_(REGION_TAG)),  # best label of each tile (tower levels >= 2), empty otherwise
     ("backend", pa.string()),  # decoder that served the video
     ("model", pa.string()),
     ("config_hash", pa.string()),
 ])
+
+def segments_schema(dim: int) -> pa.Schema:
+    """``segments`` as written: the embedding a fixed-size list of ``dim`` (vector tools read it as a vector)."""
+    return SEGMENTS_SCHEMA.set(SEGMENTS_SCHEMA.get_field_index("embedding"),
+                               pa.field("embedding", pa.list_(pa.float32(), dim)))
+
 
 ACTIONS_SCHEMA = pa.schema([
     *VIDEO,
@@ -139,10 +146,19 @@ def _shards(directory: Path) -> list[Path]:
                   and not p.is_symlink())
 
 
-def _read_shard(path: Path, schema: pa.Schema) -> pa.Table | None:
-    """The shard, or None with a one-line warning when it cannot be read (empty after a power cut, damaged)."""
+def _read_shard(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table | None:
+    """The shard, or None with a one-line warning when it cannot be read (empty after a power cut, damaged). The
+    embedding column keeps the width it was written with (a fixed-size list; variable in outputs from before)."""
     try:
-        return pq.read_table(path, schema=schema)
+        if "embedding" in schema.names:
+            stored = pq.read_schema(path)
+            if "embedding" in stored.names:
+                at = schema.get_field_index("embedding")
+                schema = schema.set(at, pa.field("embedding", stored.field("embedding").type))
+        if columns is not None:  # the key columns, for choosing the committed rows, and those asked for
+            keep = [n for n in schema.names if n in {"video_id", "config_hash", *columns}]
+            schema = pa.schema([schema.field(n) for n in keep])
+        return pq.read_table(path, schema=schema, columns=schema.names)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
         print(f"reeltag: warning: skipping unreadable shard {path}: {str(e).splitlines()[0]}", file=sys.stderr)
         return None
@@ -163,37 +179,63 @@ def _read_table(out_dir: Path, name: str) -> pa.Table:
         files = [f for f in sorted((out_dir / name).glob("*.parquet")) if f.is_file()]
         tables = [t for t in (_read_shard(f, schema) for f in files) if t is not None]
         return pa.concat_tables(tables) if tables else schema.empty_table()
-    manifest = {f.name: t for f in _shards(out_dir / "manifest")
-                if (t := _read_shard(f, MANIFEST_SCHEMA)) is not None}
     if name == "manifest":
+        manifest = _manifest_shards(out_dir)
         return _complete(out_dir, pa.concat_tables(manifest.values())) if manifest else schema.empty_table()
-    tables = []
-    for shard, keep in _chosen(out_dir, manifest).items():
+    tables = [table for _, table in committed_rows(out_dir, name)]
+    if not tables:
+        return schema.empty_table()
+    if len({t.schema.field("embedding").type for t in tables if "embedding" in t.schema.names}) > 1:
+        tables = [t.cast(SEGMENTS_SCHEMA) for t in tables]  # configs of several widths: variable-size lists
+    return pa.concat_tables(tables)
+
+
+def _manifest_shards(out_dir: Path) -> dict[str, pa.Table]:
+    return {f.name: t for f in _shards(out_dir / "manifest") if (t := _read_shard(f, MANIFEST_SCHEMA)) is not None}
+
+
+def commit_keys(out_dir: str | Path, config_hash: str) -> dict[str, str]:
+    """Video id -> the name of the manifest shard of its latest complete commit for ``config_hash``: what a reader
+    sees of it changes exactly when this does (the search index keeps itself consistent with it)."""
+    return {vid: commit for (vid, config), (_, commit, _) in _latest(Path(out_dir), _manifest_shards(Path(out_dir)))
+            .items() if config == config_hash}
+
+
+def committed_rows(out_dir: str | Path, name: str, config_hash: str | None = None, *,
+                   videos: set[str] | None = None, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """The committed rows of ``segments`` or ``errors``, one shard at a time (never the whole table in memory):
+    ``(shard name, its rows that readers take)``, of every config or only ``config_hash``, of every video or only
+    ``videos`` (then only the shards holding their commits are read); ``columns``: those and ``video_id``,
+    ``config_hash`` only."""
+    out_dir = Path(out_dir)
+    chosen: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for (vid, config), (_, commit, parts) in _latest(out_dir, _manifest_shards(out_dir)).items():
+        if (config_hash is None or config == config_hash) and (videos is None or vid in videos):
+            for shard in (commit, *parts):
+                chosen[shard].add((vid, config))
+    for shard in sorted(chosen):
         path = out_dir / name / shard
-        table = _read_shard(path, schema) if path.is_file() else None
+        table = _read_shard(path, SCHEMAS[name], columns) if path.is_file() else None
         if table is not None:
+            keep = chosen[shard]
             mask = [(v, c) in keep for v, c in zip(table["video_id"].to_pylist(), table["config_hash"].to_pylist())]
-            tables.append(table.filter(pa.array(mask, pa.bool_())))
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+            table = table.filter(pa.array(mask, pa.bool_()))
+            yield shard, table
 
 
-def _chosen(out_dir: Path, manifest: dict[str, pa.Table]) -> dict[str, set[tuple[str, str]]]:
-    """shard name -> the (video id, config) pairs whose rows readers take from it: those of each video's latest
-    commit whose parts are all there (a part lost to damage makes the commit incomplete: an earlier one counts,
-    and the next run does the video again)."""
+def _latest(out_dir: Path, manifest: dict[str, pa.Table]) -> dict[tuple[str, str], tuple[float, str, list[str]]]:
+    """(video id, config) -> (commit time, manifest shard, parts) of each video's latest commit whose parts are all
+    there (a part lost to damage makes the commit incomplete: an earlier one counts, and the next run does the
+    video again)."""
     present = _present(out_dir)
-    latest: dict[tuple, tuple[float, list[str]]] = {}
+    latest: dict[tuple, tuple[float, str, list[str]]] = {}
     for shard, table in manifest.items():
         for vid, config, at, parts in zip(*(table[c].to_pylist()
                                             for c in ("video_id", "config_hash", "committed_at", "parts"))):
             parts = parts or []
             if all(p in present for p in parts) and ((vid, config) not in latest or at >= latest[(vid, config)][0]):
-                latest[(vid, config)] = (at, [shard, *parts])
-    chosen: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    for key, (_, shards) in latest.items():
-        for shard in shards:
-            chosen[shard].add(key)
-    return chosen
+                latest[(vid, config)] = (at, shard, parts)
+    return latest
 
 
 def _present(out_dir: Path) -> set[str]:
@@ -358,8 +400,8 @@ class OutputWriter:
             write_atomic(pa.Table.from_pylist([{**r, **common} for r in bad], schema=ERRORS_SCHEMA),
                          self.out_dir / "errors" / name)
         if good:
-            write_atomic(pa.Table.from_pylist([{**r, **common} for r in good], schema=SEGMENTS_SCHEMA),
-                         self.out_dir / "segments" / name)
+            write_atomic(pa.Table.from_pylist([{**r, **common} for r in good], schema=segments_schema(
+                len(good[0]["embedding"]))), self.out_dir / "segments" / name)
         return name
 
     def flush(self) -> None:

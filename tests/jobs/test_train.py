@@ -108,7 +108,9 @@ def test_search_finds_a_motion_by_its_caption(motion_set):
     for motion in MOTIONS:
         found = reeltag("search", index_dir, motion, "--top-k", "3", "--json")
         assert found.returncode == 0, found.stderr
-        results = json.loads(found.stdout)
+        answer = json.loads(found.stdout)
+        assert answer["query"] == {"text": motion, "top_k": 3} and answer["took_ms"] >= 0
+        results = answer["results"]
         assert len(results) == 3 and [motion_of[r["uri"]] for r in results] == [motion] * 3, (motion, results)
         assert results[0]["score"] >= results[1]["score"] >= results[2]["score"]
     text = reeltag("search", index_dir, "moving left", "--top-k", "2")
