@@ -461,18 +461,20 @@ def encode_query(model: VideoTextModel, text: str) -> np.ndarray:
 def encode_image(out_dir: str | Path, index: Index, path: str | Path) -> np.ndarray:
     """A still's embedding by the run's whole video model: the image as a one-frame segment, at the short side
     the run decoded frames at, so it lands where the stored segments are."""
-    from PIL import Image, UnidentifiedImageError
+    import av
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise SearchError(f"--image {path}: not an image this machine can read ({str(e).splitlines()[0]})") from None
+        with av.open(str(path)) as container:  # PyAV (FFmpeg) reads PNG, JPEG, WebP, TIFF, BMP, …
+            frame = next(container.decode(video=0))
+    except (av.FFmpegError, StopIteration, IndexError, OSError) as e:
+        why = str(e).splitlines()[0] if str(e) else "no picture in it"
+        raise SearchError(f"--image {path}: not an image this machine can read ({why})") from None
     spec = _run_spec(out_dir, index.config_hash, index.model)
-    scale = decode_short_side(spec) / min(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    scale = decode_short_side(spec) / min(frame.width, frame.height)
+    image = frame.to_ndarray(width=max(1, round(frame.width * scale)), height=max(1, round(frame.height * scale)),
+                             format="rgb24", interpolation="BICUBIC")
     model = create_model(spec, tagging=False, device="cpu")
-    return model.encode([np.array(image)[None]], [np.zeros(1)])[0]["embedding"]
+    return model.encode([image[None]], [np.zeros(1)])[0]["embedding"]
 
 
 def like(index: Index, ref: str) -> np.ndarray:
