@@ -109,8 +109,10 @@ TRANSIENT_ERRORS = frozenset({"timeout", "decoder_crashed", "io_error"})
 
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` to ``path`` as Parquet, through :func:`temporal.files.atomic_path`."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    vectors = [n for n in table.schema.names if n == "embedding"]  # floats: dictionaries and snappy gain nothing
+    with atomic_path(path) as tmp:  # and cost 3x the write time (measured: benchmarks/driver_commit.py)
+        pq.write_table(table, tmp, use_dictionary=[n for n in table.schema.names if n not in vectors],
+                       compression={n: "none" if n in vectors else "snappy" for n in table.schema.names})
 
 
 def latest_config(out_dir: str | Path) -> tuple[str, str] | None:
@@ -362,20 +364,35 @@ class OutputWriter:
         return done
 
     def add(self, table: pa.Table) -> list[str]:
-        """Take a batch of stream rows; return the ids of the videos it completed."""
+        """Take a batch of stream rows; return the ids of the videos it completed. Rows stay Arrow (the per-row
+        Python values read are the small columns only: a row's embedding is never a Python list)."""
+        if table.schema != STREAM_SCHEMA:
+            table = table.select(STREAM_SCHEMA.names).cast(STREAM_SCHEMA)
+        small = table.select(["kind", "video_id", "uri", "n_segments", "node", "encoder_node", "error_type"])
+        small = small.to_pylist()
+        by_video: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(small):
+            by_video[row["video_id"]].append(i)
         completed = []
-        for row in table.to_pylist():
-            vid = row["video_id"]
+        for vid, at in by_video.items():
             video = self._videos[vid]
-            video.take(row)
+            for i in at:
+                video.take(small[i])
             if video.end is not None and video.received == video.end["n_segments"] + 1:
+                video.tables.append(table.take(pa.array(at, pa.int64())) if len(at) < table.num_rows else table)
+                video.buffered += len(at)
                 self._ready.append(self._videos.pop(vid))
-                self._ready_rows += len(video.rows)
+                self._ready_rows += video.buffered
                 self._count(video)
                 completed.append(vid)
-            elif len(video.rows) >= self.shard_rows:  # a long video: its rows so far go to a part
-                video.parts.append(self._write_rows(video.rows))
-                video.rows = []
+                continue
+            while at:  # a long video: each shard_rows of its rows go to a part
+                piece, at = at[:self.shard_rows - video.buffered], at[self.shard_rows - video.buffered:]
+                video.tables.append(table.take(pa.array(piece, pa.int64())))
+                video.buffered += len(piece)
+                if video.buffered >= self.shard_rows:
+                    video.parts.append(self._write_rows(video.tables))
+                    video.tables, video.buffered = [], 0
         if self._ready_rows >= self.shard_rows:
             self.flush()
         return completed
@@ -390,25 +407,33 @@ class OutputWriter:
         self.videos_by_node[video.end.get("node") or "local"] += 1
         self.segments_by_encoder_node.update(video.by_encoder)
 
-    def _write_rows(self, rows: list[dict]) -> str:
-        """Write ``rows`` to a new ``segments`` and (if any failed) ``errors`` shard; return its name."""
+    def _write_rows(self, tables: list[pa.Table]) -> str:
+        """Write the stream rows of ``tables`` to a new ``segments`` and (if any failed) ``errors`` shard; return
+        its name."""
         name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-        good = [r for r in rows if r["kind"] == "segment" and not r["error_type"]]
-        bad = [r for r in rows if r["error_type"]]
-        common = {"model": self.model, "config_hash": self.config_hash}
-        if bad:
-            write_atomic(pa.Table.from_pylist([{**r, **common} for r in bad], schema=ERRORS_SCHEMA),
-                         self.out_dir / "errors" / name)
-        if good:
-            write_atomic(pa.Table.from_pylist([{**r, **common} for r in good], schema=segments_schema(
-                len(good[0]["embedding"]))), self.out_dir / "segments" / name)
+        rows = pa.concat_tables(tables)
+        failed = pc.not_equal(rows["error_type"], "")
+        bad = rows.filter(failed)
+        good = rows.filter(pc.and_(pc.equal(rows["kind"], "segment"), pc.invert(failed)))
+        if bad.num_rows:
+            write_atomic(self._as(bad, ERRORS_SCHEMA), self.out_dir / "errors" / name)
+        if good.num_rows:
+            dim = pc.list_value_length(good["embedding"])[0].as_py()
+            write_atomic(self._as(good, segments_schema(dim)), self.out_dir / "segments" / name)
         return name
+
+    def _as(self, rows: pa.Table, schema: pa.Schema) -> pa.Table:
+        """``rows`` (stream rows) as a table of ``schema``, with this run's model and config hash."""
+        constant = {"model": self.model, "config_hash": self.config_hash}
+        columns = [pa.array([constant[f.name]] * rows.num_rows, f.type) if f.name in constant
+                   else rows[f.name].cast(f.type) for f in schema]
+        return pa.Table.from_arrays(columns, schema=schema)
 
     def flush(self) -> None:
         """Commit the finished videos: segments and errors shards, then the manifest shard."""
         if not self._ready:
             return
-        name = self._write_rows([r for video in self._ready for r in video.rows])
+        name = self._write_rows([t for video in self._ready for t in video.tables])
         now = time.time()
         manifest = [{"video_id": v.end["video_id"], "uri": v.end["uri"],
                      "fingerprint": self.fingerprints.get(v.end["uri"], ""), "config_hash": self.config_hash,
@@ -429,7 +454,8 @@ class OutputWriter:
 class _Video:
     """A video's rows as they stream in: those not yet in a shard, and what the commit says of all of them."""
 
-    rows: list[dict] = field(default_factory=list)  # not yet in a shard
+    tables: list[pa.Table] = field(default_factory=list)  # stream rows not yet in a shard
+    buffered: int = 0  # rows in ``tables``
     parts: list[str] = field(default_factory=list)  # shards holding the earlier ones
     received: int = 0
     end: dict | None = None
@@ -439,7 +465,7 @@ class _Video:
     by_encoder: Counter = field(default_factory=Counter)  # segment rows by encoder node
 
     def take(self, row: dict) -> None:
-        self.rows.append(row)
+        """Count one row (its small columns)."""
         self.received += 1
         if row["kind"] == "end":
             self.end = row
