@@ -34,9 +34,10 @@ from temporal.files import atomic_path, write_text_atomic
 FORMAT = 2  # meta.json's "format": an index of another format is rebuilt
 ANN_MIN_ROWS = 100_000  # live rows from which queries use the ANN index (below: exact scan; see the benchmark)
 TAGS_PER_ROW = 8  # stored tags a row keeps for the tag filter (best first)
-NPROBE = 32  # inverted lists visited per query (of about sqrt(rows))
-MIN_CANDIDATES = 500  # ANN candidates re-ranked exactly (at least; 10 per result asked for). PQ's error, not the
-# lists visited, decides recall here: 100 candidates gave recall@10 0.72 at 500k rows, 300 gave 1.0 (benchmark)
+NPROBE = 16  # inverted lists visited per query (of about sqrt(rows))
+MIN_CANDIDATES = 1000  # ANN candidates re-ranked exactly (at least; 10 per result asked for). PQ's error, not the
+# lists visited, decides recall (benchmark, 2M rows): 300 candidates gave recall@10 0.70, 500 0.86, 1000 0.998,
+# at any of 16, 32, 64 lists of 1,414
 EXACT_FILTERED_ROWS = 20_000  # a filter that leaves at most this many rows is answered by an exact scan of them
 INDEX_FILE = re.compile(r"(chunk-\d{6}\.(f32|arrow)|(ivfpq|deleted|commits|videos)-\d{6}\.\w+)")
 
@@ -300,12 +301,17 @@ def _train(directory: Path, meta: dict, deleted: np.ndarray):
     live = np.flatnonzero(~deleted)
     lists = int(np.clip(np.sqrt(len(live)), 64, 65536))
     sample = np.sort(np.random.default_rng(0).choice(live, min(len(live), 64 * lists), replace=False))
-    chunks = [np.memmap(directory / f"{name}.f32", np.float32, "r", shape=(n, meta["dim"]))
-              for name, n in zip(meta["chunks"], meta["chunk_rows"])]
+    x = np.empty((len(sample), meta["dim"]), np.float32)
+    row_bytes = meta["dim"] * 4
     offsets = np.array(_offsets(meta) + [meta["rows"]])
     which = np.searchsorted(offsets, sample, side="right") - 1
-    x = np.concatenate([np.asarray(chunks[c][sample[which == c] - offsets[c]]) for c in np.unique(which)])
-    del chunks
+    for c in np.unique(which):  # read row by row: a memory map's fault-around would make most of the file resident
+        fd = os.open(directory / f"{meta['chunks'][c]}.f32", os.O_RDONLY)
+        try:
+            for i in np.flatnonzero(which == c):
+                x[i] = np.frombuffer(os.pread(fd, row_bytes, int(sample[i] - offsets[c]) * row_bytes), np.float32)
+        finally:
+            os.close(fd)
     subquantisers = 64 if meta["dim"] % 64 == 0 else next(m for m in (32, 16, 8, 4, 2, 1) if meta["dim"] % m == 0)
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(meta["dim"]), meta["dim"], lists, subquantisers, 8,
                              faiss.METRIC_INNER_PRODUCT)
