@@ -173,10 +173,14 @@ def in_child(function: str, *args) -> dict:
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    """The CPU's name, with its family/model numbers and the vector extensions that decide speed here."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    simd = [f for f in ("avx512_bf16", "amx_tile", "avx512f", "avx2") if f in flags][:2]
+    return (f"{fields.get('model name', platform.processor())} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}; {', '.join(simd) or 'no AVX2'})")
 
 
 def main() -> None:

@@ -378,8 +378,9 @@ class OutputWriter:
             video = self._videos[vid]
             for i in at:
                 video.take(small[i])
+            at = [i for i in at if small[i]["kind"] == "segment" or small[i]["error_type"]]  # the rows a shard holds
             if video.end is not None and video.received == video.end["n_segments"] + 1:
-                video.tables.append(table.take(pa.array(at, pa.int64())) if len(at) < table.num_rows else table)
+                video.tables.append(_rows(table, at))
                 video.buffered += len(at)
                 self._ready.append(self._videos.pop(vid))
                 self._ready_rows += video.buffered
@@ -388,7 +389,7 @@ class OutputWriter:
                 continue
             while at:  # a long video: each shard_rows of its rows go to a part
                 piece, at = at[:self.shard_rows - video.buffered], at[self.shard_rows - video.buffered:]
-                video.tables.append(table.take(pa.array(piece, pa.int64())))
+                video.tables.append(_rows(table, piece))
                 video.buffered += len(piece)
                 if video.buffered >= self.shard_rows:
                     video.parts.append(self._write_rows(video.tables))
@@ -411,10 +412,10 @@ class OutputWriter:
         """Write the stream rows of ``tables`` to a new ``segments`` and (if any failed) ``errors`` shard; return
         its name."""
         name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-        rows = pa.concat_tables(tables)
+        rows = pa.concat_tables(tables)  # segment rows, and end rows that carry a failure
         failed = pc.not_equal(rows["error_type"], "")
         bad = rows.filter(failed)
-        good = rows.filter(pc.and_(pc.equal(rows["kind"], "segment"), pc.invert(failed)))
+        good = rows.filter(pc.invert(failed)) if bad.num_rows else rows
         if bad.num_rows:
             write_atomic(self._as(bad, ERRORS_SCHEMA), self.out_dir / "errors" / name)
         if good.num_rows:
@@ -448,6 +449,13 @@ class OutputWriter:
     def unfinished(self) -> list[str]:
         """Videos with rows but no complete set (only after a failure upstream)."""
         return list(self._videos)
+
+
+def _rows(table: pa.Table, at: list[int]) -> pa.Table:
+    """Rows ``at`` (ascending) of ``table``: a zero-copy slice when they are consecutive, as they mostly are."""
+    if at and at[-1] - at[0] + 1 == len(at):
+        return table.slice(at[0], len(at))
+    return table.take(pa.array(at, pa.int64()))
 
 
 @dataclass
