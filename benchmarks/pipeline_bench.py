@@ -1,13 +1,13 @@
 """End-to-end throughput and memory against stage-alone references measured in the same run (run by hand).
 
-    python benchmarks/pipeline_bench.py [--videos 8] [--seconds 20] [--skip-rss] [--skip-search]
+    python benchmarks/pipeline_bench.py [--videos 8] [--seconds 20] [--skip-rss]
 
 (a) decode alone and (b) the encoder alone on frames already in memory, each on one core, in segments/s;
 (c) ``reeltag run`` end to end on the embedded Ray with one decode task and one encoder actor (one thread each)
 on this 2-core machine. Target: (c) >= 80% of min(a, b), i.e. decode, Ray and writing overlap, not add up.
 Model: CLIP ViT-B/32 (real architecture, random weights, saved and loaded with save_pretrained), 8 frames per
 4 s window, 480p and 720p H.264 inputs made with the ffmpeg CLI. Then peak RSS of all reeltag and Ray processes
-over a 200-video run against a 20-video run, and exact search latency over 1M random 512-d embeddings.
+over a 200-video run against a 20-video run (search: benchmarks/search_scale.py).
 """
 
 from __future__ import annotations
@@ -98,7 +98,6 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--skip-rss", action="store_true")
-    parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "reeltag-pipeline-bench"))
     args = parser.parse_args()
     import torch
@@ -179,26 +178,6 @@ def main() -> None:
             print(f"peak RSS of the driver and all Ray processes, {count} videos: {peaks[count] / 1024:.0f} MiB "
                   f"({seconds:.0f} s)")
         print(f"200-video peak / 20-video peak = {peaks[200] / peaks[20]:.2f} (target <= 1.10)")
-
-    if not args.skip_search:
-        import torch
-
-        from jobs.search import Index, score
-
-        rng = np.random.default_rng(0)
-        emb = rng.standard_normal((1_000_000, 512), dtype=np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        index = Index(emb, torch.from_numpy(emb).to(torch.bfloat16).view(torch.int16).numpy(), None, "", "")
-        times, agree = [], 0
-        for _ in range(21):
-            q = rng.standard_normal(512).astype(np.float32)
-            q /= np.linalg.norm(q)
-            started = time.perf_counter()
-            rows_found, _ = score(index, q, 10)
-            times.append(time.perf_counter() - started)
-            agree += set(rows_found) == set(np.argsort(-(emb @ q))[:10])
-        print(f"search over 1M x 512: p50 {1000 * sorted(times)[10]:.0f} ms per query, top-10 identical to the "
-              f"exact float32 ranking in {agree}/21 queries (target p50 <= 100 ms, exact)")
 
 
 if __name__ == "__main__":

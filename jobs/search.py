@@ -122,13 +122,18 @@ def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
         meta = _meta(directory / "meta.json")
         if meta.get("format") != FORMAT or meta.get("config_hash") != config_hash:
             meta = {}
-        if meta and _read_commits(directory, meta) == keys:
-            return open_index(directory)
-        meta = _update(out, directory, meta, keys, config_hash)
-        _remove_unnamed(directory, meta)
-    if meta["rows"] == 0:
+        if not meta or _read_commits(directory, meta) != keys:
+            _remove_unnamed(directory, _update(out, directory, meta, keys, config_hash))
+    for attempt in range(3):
+        try:
+            index = open_index(directory)
+            break
+        except FileNotFoundError:  # another search's update replaced the files just now: read its meta.json
+            if attempt == 2:
+                raise
+    if index.rows == 0:
         raise SearchError(f"{out}: no segments for config {config_hash}")
-    return open_index(directory)
+    return index
 
 
 def _meta(path: Path) -> dict:
