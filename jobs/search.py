@@ -31,15 +31,16 @@ from pipeline.config import parse_spec
 from pipeline.writer import commit_keys, committed_rows, latest_config, output_lock
 from temporal.files import atomic_path, write_text_atomic
 
-FORMAT = 2  # meta.json's "format": an index of another format is rebuilt
+FORMAT = 3  # meta.json's "format": an index of another format is rebuilt
 ANN_MIN_ROWS = 100_000  # live rows from which queries use the ANN index (below: exact scan; see the benchmark)
-TAGS_PER_ROW = 8  # stored tags a row keeps for the tag filter (best first)
+TAGS_PER_ROW = 8  # a row's best stored tags that the tag filter sees
 NPROBE = 16  # inverted lists visited per query (of about sqrt(rows))
 MIN_CANDIDATES = 1000  # ANN candidates re-ranked exactly (at least; 10 per result asked for). PQ's error, not the
 # lists visited, decides recall (benchmark, 2M rows): 300 candidates gave recall@10 0.70, 500 0.86, 1000 0.998,
 # at any of 16, 32, 64 lists of 1,414
 EXACT_FILTERED_ROWS = 20_000  # a filter that leaves at most this many rows is answered by an exact scan of them
-INDEX_FILE = re.compile(r"(chunk-\d{6}\.(f32|arrow)|(ivfpq|deleted|commits|videos)-\d{6}\.\w+)")
+INDEX_FILE = re.compile(r"(chunk-\d{6}\.(f32|arrow|tags\.arrow)|(ivfpq|deleted|commits|videos)-\d{6}\.\w+)")
+CHUNK_FILES = ("f32", "arrow", "tags.arrow")
 
 
 class SearchError(RuntimeError):
@@ -53,8 +54,10 @@ class Chunk:
     segment_id: np.ndarray  # int32 [n]
     start_s: np.ndarray  # float64 [n]
     end_s: np.ndarray  # float64 [n]
-    tag_label: np.ndarray  # int32 [n, TAGS_PER_ROW]: index into Index.labels, -1 where none
-    tag_confidence: np.ndarray  # float32 [n, TAGS_PER_ROW]
+    # the tag filter's postings: one entry per (row, tag), sorted by label, then by confidence, highest first
+    tag_label: np.ndarray  # int32: index into Index.labels
+    tag_row: np.ndarray  # int32: row in the chunk
+    tag_confidence: np.ndarray  # float32
 
 
 @dataclass
@@ -200,8 +203,8 @@ def _append_chunk(out: Path, directory: Path, meta: dict, videos: pa.Table, vide
     """Stream the committed segment rows of ``changed`` (one shard at a time) into a new chunk."""
     name = f"chunk-{generation:06d}"
     labels = {label: i for i, label in enumerate(meta["labels"])}
-    columns: dict[str, list] = {k: [] for k in ("video", "segment_id", "start_s", "end_s", "tag_label",
-                                                 "tag_confidence")}
+    columns: dict[str, list] = {k: [] for k in ("video", "segment_id", "start_s", "end_s")}
+    postings: dict[str, list] = {k: [] for k in ("tag_label", "tag_row", "tag_confidence")}
     new_videos: list[tuple[str, str]] = []
     rows = 0
     with atomic_path(directory / f"{name}.f32") as tmp, open(tmp, "wb") as f:
@@ -225,22 +228,24 @@ def _append_chunk(out: Path, directory: Path, meta: dict, videos: pa.Table, vide
             columns["segment_id"].append(table["segment_id"].to_numpy().astype(np.int32))
             columns["start_s"].append(table["start_s"].to_numpy())
             columns["end_s"].append(table["end_s"].to_numpy())
-            label = np.full((table.num_rows, TAGS_PER_ROW), -1, np.int32)
-            confidence = np.zeros((table.num_rows, TAGS_PER_ROW), np.float32)
-            for r, tags in enumerate(table["tags"].to_pylist()):
-                for k, tag in enumerate((tags or [])[:TAGS_PER_ROW]):
-                    label[r, k] = labels.setdefault(tag["label"], len(labels))
-                    confidence[r, k] = tag["confidence"]
-            columns["tag_label"].append(label)
-            columns["tag_confidence"].append(confidence)
+            tags = table["tags"].combine_chunks()
+            flat = pc.list_flatten(tags)
+            parent = pc.list_parent_indices(tags).to_numpy()
+            rank = np.arange(len(parent)) - tags.offsets.to_numpy()[parent]  # a tag's place in its row's list
+            best = rank < TAGS_PER_ROW
+            names = flat.field("label").dictionary_encode()
+            ids = np.array([labels.setdefault(n, len(labels)) for n in names.dictionary.to_pylist()], np.int32)
+            postings["tag_label"].append(ids[names.indices.to_numpy()[best]])
+            postings["tag_row"].append((rows + parent[best]).astype(np.int32))
+            postings["tag_confidence"].append(flat.field("confidence").to_numpy()[best].astype(np.float32))
             rows += table.num_rows
     if rows == 0:
         (directory / f"{name}.f32").unlink()
         return meta, videos, 0
-    arrays = {k: np.concatenate(v) for k, v in columns.items()}
-    flat = {k: (pa.FixedSizeListArray.from_arrays(pa.array(v.ravel()), TAGS_PER_ROW) if v.ndim == 2 else pa.array(v))
-            for k, v in arrays.items()}
-    _write_arrow(pa.table(flat), directory / f"{name}.arrow")
+    _write_arrow(pa.table({k: np.concatenate(v) for k, v in columns.items()}), directory / f"{name}.arrow")
+    tag = {k: np.concatenate(v) for k, v in postings.items()}
+    order = np.lexsort((-tag["tag_confidence"], tag["tag_label"]))
+    _write_arrow(pa.table({k: v[order] for k, v in tag.items()}), directory / f"{name}.tags.arrow")
     if new_videos:
         videos = pa.concat_tables([videos, pa.table({"video_id": pa.array([v for v, _ in new_videos], pa.string()),
                                                      "uri": pa.array([u for _, u in new_videos], pa.string())})])
@@ -328,7 +333,7 @@ def _train(directory: Path, meta: dict, deleted: np.ndarray):
 def _remove_unnamed(directory: Path, meta: dict) -> None:
     """Remove the index files of earlier generations (only names this module writes; meta.json names the rest)."""
     named = {meta.get("ann"), meta.get("deleted"), meta.get("videos"), meta.get("commits"),
-             *(f"{c}.{ext}" for c in meta["chunks"] for ext in ("f32", "arrow"))}
+             *(f"{c}.{ext}" for c in meta["chunks"] for ext in CHUNK_FILES)}
     for f in directory.iterdir():
         if INDEX_FILE.fullmatch(f.name) and f.name not in named and f.is_file() and not f.is_symlink():
             f.unlink()
@@ -343,21 +348,19 @@ def open_index(directory: Path) -> Index:
     meta = _meta(directory / "meta.json")
     chunks = []
     for name, n in zip(meta["chunks"], meta["chunk_rows"]):
-        t = _chunk_table(directory, name)
+        t, tags = _chunk_table(directory, name), _chunk_table(directory, f"{name}.tags")
         chunks.append(Chunk(np.memmap(directory / f"{name}.f32", np.float32, "r", shape=(n, meta["dim"])),
-                            t["video"].to_numpy(), t["segment_id"].to_numpy(), t["start_s"].to_numpy(),
-                            t["end_s"].to_numpy(), _fixed(t["tag_label"], n), _fixed(t["tag_confidence"], n)))
-    ann = faiss.read_index(str(directory / meta["ann"])) if meta.get("ann") else None
+                            *(t[c].to_numpy() for c in ("video", "segment_id", "start_s", "end_s")),
+                            *(tags[c].to_numpy() for c in ("tag_label", "tag_row", "tag_confidence"))))
+    ann = faiss.read_index(str(directory / meta["ann"])) if meta.get("ann") else None  # (in memory: 64 B a row)
     if ann is not None:
         ann.nprobe = NPROBE
-    return Index(directory, meta, chunks, np.array(_offsets(meta) + [meta["rows"]], np.int64),
-                 np.load(directory / meta["deleted"]),
-                 ipc.open_file(pa.memory_map(str(directory / meta["videos"]))).read_all(), ann)
-
-
-def _fixed(column: pa.ChunkedArray, n: int) -> np.ndarray:
-    """A fixed-size list column as ``[n, TAGS_PER_ROW]`` (zero-copy from the memory map)."""
-    return column.combine_chunks().values.to_numpy().reshape(n, TAGS_PER_ROW)
+    index = Index(directory, meta, chunks, np.array(_offsets(meta) + [meta["rows"]], np.int64),
+                  np.load(directory / meta["deleted"]),
+                  ipc.open_file(pa.memory_map(str(directory / meta["videos"]))).read_all(), ann)
+    for name in ("video", "segment_id", "start_s", "end_s"):  # once, here: not in a query's took_ms
+        index.column(name)
+    return index
 
 
 # ---------------------------------------------------------------------------------------------------- querying
@@ -396,10 +399,10 @@ def allowed(index: Index, filters: Filters) -> np.ndarray:
                               f"{', '.join(index.labels[:10])}{', …' if len(index.labels) > 10 else ''})")
         label = index.labels.index(filters.tag)
         hit = np.zeros(len(keep), bool)
-        at = 0
-        for c in index.chunks:  # chunk by chunk: no [rows, tags] temporaries
-            hit[at:at + len(c.video)] = ((c.tag_label == label) & (c.tag_confidence >= filters.min_confidence)).any(1)
-            at += len(c.video)
+        for c, offset in zip(index.chunks, index.offsets):  # the label's postings, best first: a prefix of them
+            first, last = np.searchsorted(c.tag_label, [label, label + 1])
+            passing = np.searchsorted(-c.tag_confidence[first:last], -filters.min_confidence, side="right")
+            hit[offset + c.tag_row[first:first + passing]] = True
         keep &= hit
     if filters.after is not None:
         keep &= index.column("start_s") >= filters.after

@@ -124,7 +124,7 @@ def test_the_index_follows_the_commits_added_replaced_and_an_update_killed_midwa
     index = build_index(out)
     assert index.rows == 1200 and _found(index, _vectors(100, seed=700)[0], 1)[0][0] == "later"
     named = {index.meta["ann"], index.meta["deleted"], index.meta["videos"], index.meta["commits"], "meta.json",
-             ".reeltag.lock", *(f"{c}.{e}" for c in index.meta["chunks"] for e in ("f32", "arrow"))}
+             ".reeltag.lock", *(f"{c}.{e}" for c in index.meta["chunks"] for e in search_module.CHUNK_FILES)}
     assert {p.name for p in (out / "index" / "h").iterdir()} == named - {None}  # the killed update's files: gone
 
 
