@@ -220,3 +220,17 @@ def test_text_and_image_queries_embed_with_the_runs_model(archive, tmp_path):
     (tmp_path / "not.png").write_text("not an image")
     with pytest.raises(SearchError, match="--image .*not.png: not an image"):
         search(out, image=tmp_path / "not.png")
+
+
+def test_the_coarse_quantiser_is_trained_again_when_the_data_has_doubled(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_module, "ANN_MIN_ROWS", 500)
+    out = tmp_path / "out"
+    _commit(out, {f"a{i}": _vectors(100, seed=i) for i in range(6)})
+    assert build_index(out).meta["trained_rows"] == 600
+    _commit(out, {f"b{i}": _vectors(100, seed=50 + i) for i in range(5)})  # 1,100 rows: less than double
+    assert build_index(out).meta["trained_rows"] == 600
+    _commit(out, {f"c{i}": _vectors(100, seed=80 + i) for i in range(2)})  # 1,300 > 2 x 600: trained again
+    index = build_index(out)
+    assert index.meta["trained_rows"] == 1300 and index.ann.ntotal == 1300
+    q = _vectors(1, seed=81)[0]
+    assert len(set(_found(index, q, 10)) & set(_brute(out, q, 10))) >= 9
