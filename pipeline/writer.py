@@ -379,21 +379,24 @@ class OutputWriter:
             for i in at:
                 video.take(small[i])
             at = [i for i in at if small[i]["kind"] == "segment" or small[i]["error_type"]]  # the rows a shard holds
-            if video.end is not None and video.received == video.end["n_segments"] + 1:
-                video.tables.append(_rows(table, at))
-                video.buffered += len(at)
-                self._ready.append(self._videos.pop(vid))
-                self._ready_rows += video.buffered
-                self._count(video)
-                completed.append(vid)
-                continue
-            while at:  # a long video: each shard_rows of its rows go to a part
+            complete = video.end is not None and video.received == video.end["n_segments"] + 1
+            while at and (video.buffered + len(at) > self.shard_rows or not complete):
+                # a long video: each shard_rows of its rows go to a part (also within one batch, as Ray hands
+                # the driver whole blocks: a part keeps every shard at most shard_rows rows)
                 piece, at = at[:self.shard_rows - video.buffered], at[self.shard_rows - video.buffered:]
                 video.tables.append(_rows(table, piece))
                 video.buffered += len(piece)
                 if video.buffered >= self.shard_rows:
                     video.parts.append(self._write_rows(video.tables))
                     video.tables, video.buffered = [], 0
+            if complete:
+                if at:
+                    video.tables.append(_rows(table, at))
+                    video.buffered += len(at)
+                self._ready.append(self._videos.pop(vid))
+                self._ready_rows += video.buffered
+                self._count(video)
+                completed.append(vid)
         if self._ready_rows >= self.shard_rows:
             self.flush()
         return completed

@@ -242,3 +242,16 @@ def test_outputs_from_before_parts_read_as_commits_without_parts(tmp_path):
     pq.write_table(pq.read_table(shard).drop_columns(["parts", "attempts", "error_type"]), shard)
     assert read_table(tmp_path, "segments").num_rows == 1
     assert read_table(tmp_path, "manifest")["parts"].to_pylist() == [None]
+
+
+def test_a_long_video_arriving_in_one_block_is_still_committed_in_parts(tmp_path):
+    """Ray hands the driver whole blocks: a block may hold a long video's every row and its end row. Its shards
+    stay at most shard_rows rows (pinned after a columnar rewrite committed such a video as one shard)."""
+    writer = OutputWriter(tmp_path, config_hash="h", model="m", shard_rows=4)
+    rows = [_segment("long", i, i, i + 1, {}) for i in range(10)] + [_end("long", 10)]
+    assert writer.add(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)) == ["long"]
+    writer.flush()
+    commit = writer.commits()["long"]
+    assert (commit["n_segments"], len(commit["parts"])) == (10, 2)
+    sizes = sorted(pq.read_metadata(p).num_rows for p in (tmp_path / "segments").glob("part-*.parquet"))
+    assert sizes == [2, 4, 4]
