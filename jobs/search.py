@@ -14,6 +14,7 @@ Why FAISS and not LanceDB: measured on the same data here (README "Search and in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -121,12 +122,16 @@ def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
     directory = out / "index" / config_hash
     directory.mkdir(parents=True, exist_ok=True)
     with output_lock(directory, wait=True):  # one update at a time; searches meanwhile read the previous index
-        keys = commit_keys(out, config_hash)
         meta = _meta(directory / "meta.json")
         if meta.get("format") != FORMAT or meta.get("config_hash") != config_hash:
             meta = {}
-        if not meta or _read_commits(directory, meta) != keys:
-            _remove_unnamed(directory, _update(out, directory, meta, keys, config_hash))
+        listing = _listing(out)
+        if not meta or meta.get("listing") != listing:  # a commit, or a shard moved away, since the last look
+            keys = commit_keys(out, config_hash)
+            if not meta or _read_commits(directory, meta) != keys:
+                meta = _update(out, directory, meta, keys, config_hash)
+                _remove_unnamed(directory, meta)
+            write_text_atomic(directory / "meta.json", json.dumps({**meta, "listing": listing}, indent=1) + "\n")
     for attempt in range(3):
         try:
             index = open_index(directory)
@@ -137,6 +142,14 @@ def build_index(out_dir: str | Path, config_hash: str | None = None) -> Index:
     if index.rows == 0:
         raise SearchError(f"{out}: no segments for config {config_hash}")
     return index
+
+
+def _listing(out: Path) -> str:
+    """A digest of the shard names in the output's tables: what a reader sees changes only when this does (shards
+    get new names, never new contents), so an unchanged listing spares reading every manifest shard."""
+    names = [f"{t}/{p.name}" for t in ("manifest", "segments", "errors") if (out / t).is_dir()
+             for p in sorted((out / t).iterdir())]
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:32]
 
 
 def _meta(path: Path) -> dict:

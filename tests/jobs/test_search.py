@@ -234,3 +234,13 @@ def test_the_coarse_quantiser_is_trained_again_when_the_data_has_doubled(tmp_pat
     assert index.meta["trained_rows"] == 1300 and index.ann.ntotal == 1300
     q = _vectors(1, seed=81)[0]
     assert len(set(_found(index, q, 10)) & set(_brute(out, q, 10))) >= 9
+
+
+def test_an_unchanged_output_is_not_read_again_to_check_the_index(archive_out, monkeypatch):
+    build_index(archive_out)
+    calls = []
+    monkeypatch.setattr(search_module, "commit_keys", lambda *a: calls.append(a) or {})
+    assert build_index(archive_out).rows == 3000 and calls == []  # the shard listing is the same: no manifest read
+    monkeypatch.undo()
+    _commit(archive_out, {"new": _vectors(10, seed=5)})
+    assert build_index(archive_out).rows == 3010  # a new commit changes the listing
