@@ -177,7 +177,8 @@ def _update(out: Path, directory: Path, meta: dict, keys: dict[str, str], config
     old = _read_commits(directory, meta) if meta else {}
     changed = {vid for vid, key in keys.items() if old.get(vid) != key}
     gone = {vid for vid in old if old[vid] != keys.get(vid)}  # replaced or no longer committed
-    meta = meta or {"format": FORMAT, "config_hash": config_hash, "chunks": [], "rows": 0, "dim": None,
+    meta = meta or {"format": FORMAT, "config_hash": config_hash, "chunks": [], "chunk_rows": [], "rows": 0,
+                    "dim": None,
                     "model": None, "labels": [], "ann": None, "trained_rows": 0, "deleted": None}
     meta = {**meta, "generation": generation, "chunks": list(meta["chunks"]), "labels": list(meta["labels"])}
     videos = (ipc.open_file(pa.memory_map(str(directory / meta["videos"]))).read_all() if meta.get("videos")
@@ -263,7 +264,7 @@ def _append_chunk(out: Path, directory: Path, meta: dict, videos: pa.Table, vide
         videos = pa.concat_tables([videos, pa.table({"video_id": pa.array([v for v, _ in new_videos], pa.string()),
                                                      "uri": pa.array([u for _, u in new_videos], pa.string())})])
     meta["chunks"] = [*meta["chunks"], name]
-    meta["chunk_rows"] = [*meta.get("chunk_rows", []), rows]
+    meta["chunk_rows"] = [*meta["chunk_rows"], rows]
     meta["rows"] += rows
     meta["labels"] = list(labels)
     return meta, videos, rows

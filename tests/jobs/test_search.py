@@ -244,3 +244,14 @@ def test_an_unchanged_output_is_not_read_again_to_check_the_index(archive_out, m
     monkeypatch.undo()
     _commit(archive_out, {"new": _vectors(10, seed=5)})
     assert build_index(archive_out).rows == 3010  # a new commit changes the listing
+
+
+def test_an_output_whose_videos_all_failed_has_no_segments_to_search(tmp_path):
+    writer = OutputWriter(tmp_path, config_hash="h", model="clip:m")
+    writer.add(pa.Table.from_pylist([{"kind": "end", "video_id": "bad", "uri": "/a/bad.mp4", "n_segments": 0,
+                                      "stage": "decode", "error_type": "unreadable", "message": "not a video"}],
+                                    schema=STREAM_SCHEMA))
+    writer.flush()
+    for _ in range(2):  # building the empty index, then opening it
+        with pytest.raises(SearchError, match="no segments for config h"):
+            build_index(tmp_path)
