@@ -1,6 +1,7 @@
-"""CLIP and ALIGN image-text encoders over Hugging Face ``transformers`` checkpoints.
+"""Image-text encoders over Hugging Face ``transformers`` checkpoints: CLIP, ALIGN, SigLIP (and SigLIP 2, NaFlex
+included), MetaCLIP 2 and X-CLIP (a video model: its frames attend to each other, in groups of its ``num_frames``).
 
-Both expose one interface: ``forward_features(pixels) -> [N, D]`` image embeddings in the joint space,
+All expose one interface: ``forward_features(pixels) -> [N, D]`` image embeddings in the joint space,
 ``encode_text(texts) -> [L, D]``, ``logit_scale`` and the checkpoint's ``preprocess_cfg``. Checkpoints load
 with ``from_pretrained`` (hub id or local directory), never with ``trust_remote_code``.
 """
@@ -12,6 +13,8 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ._registry import register_encoder
@@ -27,6 +30,9 @@ class ImageTextEncoder(nn.Module):
     """Shared plumbing of the wrappers: device, dtype, tokenisation; subclasses say how to read features."""
 
     family = ""
+    model_types: dict[str, str] = {}  # checkpoint model_type -> transformers model class name
+    logit_bias: float | None = None  # SigLIP: the learned bias of its sigmoid; None: a softmax model
+    frames_per_call: int = 1  # images that must go through the backbone together (X-CLIP: its num_frames)
 
     def __init__(self, model: nn.Module, tokenizer, processor: dict, *, name: str):
         super().__init__()
@@ -68,8 +74,10 @@ class ImageTextEncoder(nn.Module):
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """:meth:`encode_text` with gradients (training the model)."""
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        return self._text(tokens).float()
+        return self._text(self.tokenize(texts)).float()
+
+    def tokenize(self, texts: list[str]):
+        return self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Weights (safetensors), config, tokenizer and preprocessing values: a directory ``from_pretrained``
@@ -92,6 +100,7 @@ class ImageTextEncoder(nn.Module):
 
 class ClipEncoder(ImageTextEncoder):
     family = "clip"
+    model_types = {"clip": "CLIPModel"}
 
     def _image(self, pixels):
         return self.model.get_image_features(pixel_values=pixels).pooler_output
@@ -105,8 +114,16 @@ class ClipEncoder(ImageTextEncoder):
         return float(self.model.logit_scale.detach().exp())
 
 
+class MetaClip2Encoder(ClipEncoder):
+    """MetaCLIP 2 (multilingual, XLM-R tokenizer): CLIP's architecture and interface."""
+
+    family = "metaclip2"
+    model_types = {"metaclip_2": "MetaClip2Model"}
+
+
 class AlignEncoder(ImageTextEncoder):
     family = "align"
+    model_types = {"align": "AlignModel"}
 
     def _image(self, pixels):
         return self.model.get_image_features(pixel_values=pixels).pooler_output
@@ -117,6 +134,80 @@ class AlignEncoder(ImageTextEncoder):
     @property
     def logit_scale(self) -> float:
         return float(1.0 / self.model.temperature.detach())
+
+
+class SiglipEncoder(ImageTextEncoder):
+    """SigLIP and SigLIP 2: a sigmoid per (image, text) pair with a learned bias, texts padded to the length the
+    model was trained with. SigLIP 2 NaFlex checkpoints see a frame at its own aspect ratio, as patches."""
+
+    family = "siglip"
+    model_types = {"siglip": "SiglipModel", "siglip2": "Siglip2Model"}
+
+    def tokenize(self, texts):
+        length = self.model.config.text_config.max_position_embeddings
+        return self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                              return_tensors="pt").to(self.device)
+
+    def _image(self, pixels):
+        if self.preprocess_cfg.naflex is None:
+            return self.model.get_image_features(pixel_values=pixels).pooler_output
+        patches, mask, shapes = naflex_patches(pixels, *self.preprocess_cfg.naflex)
+        return self.model.get_image_features(pixel_values=patches, pixel_attention_mask=mask,
+                                             spatial_shapes=shapes).pooler_output
+
+    def _text(self, tokens):
+        return self.model.get_text_features(**tokens).pooler_output
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    @property
+    def logit_bias(self) -> float:
+        return float(self.model.logit_bias.detach())
+
+
+class XClipEncoder(ClipEncoder):
+    """X-CLIP: CLIP's towers with cross-frame attention inside the vision tower (images go through it in groups
+    of ``num_frames``: one segment each) and its own temporal model (:meth:`pool_video`, the multi-frame
+    integration transformer). Frame features are the per-frame projections before that model."""
+
+    family = "xclip"
+    model_types = {"xclip": "XCLIPModel"}
+
+    @property
+    def frames_per_call(self) -> int:
+        return self.model.config.vision_config.num_frames
+
+    def _image(self, pixels):
+        if len(pixels) % self.frames_per_call:
+            raise ValueError(f"X-CLIP embeds frames in groups of {self.frames_per_call} (one segment each), got "
+                             f"{len(pixels)} images")
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
+
+    def pool_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Raw frame features ``[B, T, D]`` -> video embeddings ``[B, D]`` (X-CLIP's own temporal model)."""
+        return self.model.mit(frames.to(self.dtype)).pooler_output.float()
+
+
+def naflex_patches(pixels: torch.Tensor, patch: int, max_patches: int):
+    """Normalised ``[N,3,h,w]`` (sides multiples of ``patch``) -> SigLIP 2 NaFlex inputs: patches
+    ``[N, max_patches, patch*patch*3]`` padded with zeros, their mask ``[N, max_patches]``, spatial shapes
+    ``[N, 2]``."""
+    n, _, h, w = pixels.shape
+    x = rearrange(pixels, "n c (gh p) (gw q) -> n (gh gw) (p q c)", p=patch, q=patch)
+    mask = torch.zeros(n, max_patches, dtype=torch.int32, device=pixels.device)
+    mask[:, :x.shape[1]] = 1
+    x = F.pad(x, (0, 0, 0, max_patches - x.shape[1]))
+    return x, mask, torch.tensor([[h // patch, w // patch]] * n, device=pixels.device)
+
+
+FAMILIES: dict[str, type[ImageTextEncoder]] = {
+    cls.family: cls for cls in (ClipEncoder, AlignEncoder, SiglipEncoder, MetaClip2Encoder, XClipEncoder)}
 
 
 def _load_error(family: str, pretrained: str, e: Exception) -> ModelLoadError:
@@ -152,15 +243,47 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _create_hf(cls: type[ImageTextEncoder], model_cls, *, pretrained: str, local_files_only: bool = False,
-               dtype: str = "auto", device: str = "auto", scratch: bool = False) -> ImageTextEncoder:
+SUPPORTED = "auto, " + ", ".join(FAMILIES)
+
+
+def checkpoint_family(family: str, pretrained: str, *, local_files_only: bool = False) -> tuple[str, dict]:
+    """The family of the checkpoint ``pretrained`` (``auto``: from its config's ``model_type``) and that config as a
+    dict; one-line errors for a checkpoint of another or an unsupported family. Reads ``config.json`` only."""
+    from transformers import PretrainedConfig
+
+    if family != "auto" and family not in FAMILIES:
+        raise ModelLoadError(f"unknown model family {family!r}; supported: {SUPPORTED}")
+    try:
+        config, _ = PretrainedConfig.get_config_dict(os.path.expanduser(pretrained), local_files_only=local_files_only)
+        if not config:  # a directory without config.json reads as {}
+            raise OSError(f"no config.json in {pretrained}")
+    except (OSError, ValueError) as e:
+        raise _load_error(family, pretrained, e) from None
+    model_type = config.get("model_type", "")
+    found = next((f for f, cls in FAMILIES.items() if model_type in cls.model_types), None)
+    if found is None:
+        raise ModelLoadError(f"checkpoint {pretrained!r} is a {model_type or 'model without a model_type'}; "
+                             f"supported families: {SUPPORTED} (model types "
+                             f"{', '.join(t for cls in FAMILIES.values() for t in cls.model_types)})")
+    if family not in ("auto", found):
+        raise ModelLoadError(f"model.family is {family} but checkpoint {pretrained!r} is a {model_type}: set "
+                             f"model.family: {found} (or auto)")
+    return found, config
+
+
+def _create_hf(family: str, *, pretrained: str, local_files_only: bool = False, dtype: str = "auto",
+               device: str = "auto", scratch: bool = False) -> ImageTextEncoder:
     """``scratch``: the checkpoint's architecture, tokenizer and preprocessing, with freshly initialised weights
     (its directory needs no weights file): how a model is trained from nothing."""
+    import transformers
     from transformers import AutoTokenizer
     from transformers.image_processing_utils import ImageProcessingMixin
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    family, config = checkpoint_family(family, pretrained, local_files_only=local_files_only)
+    cls = FAMILIES[family]
+    model_cls = getattr(transformers, cls.model_types[config["model_type"]])
     source = os.path.expanduser(pretrained)
     try:
         if scratch:
@@ -170,26 +293,28 @@ def _create_hf(cls: type[ImageTextEncoder], model_cls, *, pretrained: str, local
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         processor, _ = ImageProcessingMixin.get_image_processor_dict(source, local_files_only=local_files_only)
     except (OSError, ValueError) as e:
-        raise _load_error(cls.family, pretrained, e) from None
+        raise _load_error(family, pretrained, e) from None
     target = resolve_device(device)
     model = model.to(device=target, dtype=resolve_dtype(dtype, target))
     return cls(model, tokenizer, processor, name=pretrained)
 
 
-@register_encoder
-def clip(*, pretrained: str = "openai/clip-vit-base-patch32", **kwargs) -> ClipEncoder:
-    """Any Hugging Face CLIP checkpoint."""
-    from transformers import CLIPModel
+def _family_entry(family: str, default: str, doc: str):
+    def entry(*, pretrained: str = default, **kwargs) -> ImageTextEncoder:
+        return _create_hf(family, pretrained=pretrained, **kwargs)
 
-    return _create_hf(ClipEncoder, CLIPModel, pretrained=pretrained, **kwargs)
+    entry.__name__, entry.__doc__ = family, doc
+    return register_encoder(entry)
 
 
-@register_encoder
-def align(*, pretrained: str = "kakaobrain/align-base", **kwargs) -> AlignEncoder:
-    """Any Hugging Face ALIGN checkpoint."""
-    from transformers import AlignModel
-
-    return _create_hf(AlignEncoder, AlignModel, pretrained=pretrained, **kwargs)
+for _family, _default, _doc in (
+        ("auto", "openai/clip-vit-base-patch32", "Any supported checkpoint; the family from its model_type."),
+        ("clip", "openai/clip-vit-base-patch32", "Any Hugging Face CLIP checkpoint."),
+        ("align", "kakaobrain/align-base", "Any Hugging Face ALIGN checkpoint."),
+        ("siglip", "google/siglip2-base-patch16-224", "SigLIP and SigLIP 2 checkpoints (NaFlex included)."),
+        ("metaclip2", "facebook/metaclip-2-worldwide-s16", "MetaCLIP 2 checkpoints (multilingual)."),
+        ("xclip", "microsoft/xclip-base-patch32", "X-CLIP video checkpoints (frames in groups of num_frames).")):
+    _family_entry(_family, _default, _doc)
 
 
 @register_encoder
@@ -208,14 +333,12 @@ def tiny_align(*, seed: int = 0, words: tuple[str, ...] = ()) -> AlignEncoder:
 
 def checkpoint_preprocess(*, family: str, pretrained: str, local_files_only: bool = False) -> PreprocessCfg:
     """Read a checkpoint's config and preprocessing values without loading weights (fails fast on the driver)."""
-    from transformers import AlignConfig, CLIPConfig
     from transformers.image_processing_utils import ImageProcessingMixin
 
-    config_cls = {"clip": CLIPConfig, "align": AlignConfig}[family]
-    source = os.path.expanduser(pretrained)
+    checkpoint_family(family, pretrained, local_files_only=local_files_only)
     try:
-        config_cls.from_pretrained(source, local_files_only=local_files_only)
-        processor, _ = ImageProcessingMixin.get_image_processor_dict(source, local_files_only=local_files_only)
+        processor, _ = ImageProcessingMixin.get_image_processor_dict(os.path.expanduser(pretrained),
+                                                                     local_files_only=local_files_only)
     except (OSError, ValueError) as e:
         raise _load_error(family, pretrained, e) from None
     return PreprocessCfg.from_processor_dict(processor)

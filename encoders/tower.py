@@ -44,6 +44,7 @@ class TowerOutput(NamedTuple):
     regions: torch.Tensor  # [F, V, D] every view of the fine frames, the whole frame first
     boxes: torch.Tensor  # [V, 4] normalised xyxy box of each view
     fine: torch.Tensor  # [F] which frames are fine
+    raw: torch.Tensor | None = None  # [N, D] whole-frame embeddings before normalisation (a model's own pooling)
 
 
 class ViewAttention(nn.Module):
@@ -95,9 +96,9 @@ class HierarchicalTower(nn.Module):
             side, step = round(span * r), round((1 - self.overlap) * r)
             x = rearrange(frames, "n h w c -> n c h w").float()
             if squash:  # tiles divide exactly what level 1 sees
-                x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+                x = F.interpolate(x, size=(side, side), mode=cfg.resample, antialias=True, align_corners=False)
             else:
-                x = center_crop(resize_short_side(x, side), side, side)
+                x = center_crop(resize_short_side(x, side, cfg.resample), side, side)
             x = x.clamp_(0, 255).round_()
             tiles = torch.stack([x[..., i * step:i * step + r, j * step:j * step + r]
                                  for i in range(g) for j in range(g)], dim=1)  # [N, g*g, 3, R, R]
@@ -110,9 +111,12 @@ class HierarchicalTower(nn.Module):
                 torch.zeros(0, dtype=torch.long)
         return torch.cat(views, dim=1), torch.cat(boxes), torch.tensor(level_ids)
 
-    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[M,3,R,R]`` -> ``[M,D]`` normalised, ``batch_size`` images per backbone call."""
-        return F.normalize(torch.cat([self.encoder.forward_features(c) for c in pixels.split(self.batch_size)]), dim=-1)
+    def _embed(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """Views ``[M_i,3,h_i,w_i]`` -> ``[sum M_i, D]`` raw embeddings, ``batch_size`` images per backbone call (views
+        of one size together: sizes differ only where a NaFlex checkpoint sees each frame at its aspect ratio)."""
+        pixels = [p for p in pixels if len(p)]
+        parts = [torch.cat(pixels)] if len({p.shape[-2:] for p in pixels}) == 1 else pixels
+        return torch.cat([self.encoder.forward_features(c) for part in parts for c in part.split(self.batch_size)])
 
     def forward(self, frames: torch.Tensor) -> TowerOutput:
         """One segment's frames ``[N,H,W,3]`` -> its :class:`TowerOutput`."""
@@ -123,16 +127,22 @@ class HierarchicalTower(nn.Module):
         each. Every view of every segment goes through the backbone together, ``batch_size`` images a call: whole
         frames first, then the tiles of the fine frames (``fine_frames`` overrides the tower's)."""
         cfg, pixels, plans = self.encoder.preprocess_cfg, [], []
+        group = self.encoder.frames_per_call
+        if group > 1 and any(len(frames) != group for frames in segments):
+            raise ValueError(f"{self.encoder.family} embeds segments of exactly {group} frames (its num_frames), got "
+                             f"{sorted({len(f) for f in segments})}")
         for frames in segments:
             fine = self.fine_index(len(frames), fine_frames or self.fine_frames)
             tiles, boxes, level_ids = self.tile_views(frames[fine])
             pixels += [preprocess(frames, cfg), rearrange(tiles, "f v c h w -> (f v) c h w")]
             plans.append((frames.shape[:3], fine, boxes, level_ids, tiles.shape[1]))
-        emb, outputs, at = self._embed(torch.cat(pixels)), [], 0
+        raw = self._embed(pixels)
+        emb, outputs, at = F.normalize(raw, dim=-1), [], 0
         for (n, height, width), fine, boxes, level_ids, tiles in plans:
             size = n + len(fine) * tiles
-            whole_box = level_boxes(1, height, width, squash=cfg.squashes)
-            outputs.append(self._fuse(emb[at:at + size], n, fine, torch.cat([whole_box, boxes]), level_ids))
+            whole_box = level_boxes(1, height, width, squash=cfg.whole_frame)
+            out = self._fuse(emb[at:at + size], n, fine, torch.cat([whole_box, boxes]), level_ids)
+            outputs.append(out._replace(raw=raw[at:at + n]))
             at += size
         return outputs
 

@@ -21,7 +21,7 @@ from temporal.checkpoint import CheckpointError, has_head, load_checkpoint, load
 from temporal.pooling import AttentionPooling, build_pooler, mean_pool
 
 from ._registry import create_encoder
-from .models import ImageTextEncoder, checkpoint_preprocess
+from .models import ImageTextEncoder, ModelLoadError, checkpoint_family, checkpoint_preprocess
 from .preprocess import preprocess
 from .text import (
     Calibration,
@@ -56,6 +56,9 @@ def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[
     """``(key, message)`` for every rule about the model that ``spec`` breaks (reads the head's ``head.json``).
     ``training``: ``reeltag train`` trains the fusion and head, so it needs no checkpoint for them."""
     tower, temporal = spec.tower, spec.temporal
+    problems = _family_problems(spec, training=training)
+    if problems:
+        return problems
     if training and spec.train.backbone != "frozen" and tower.levels != (1,):
         return [("tower.levels", f"train.backbone: {spec.train.backbone} trains on the whole frame only: set "
                                  "tower.levels: [1] (tiles and their fusion train with train.backbone: frozen)")]
@@ -81,6 +84,51 @@ def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[
     return []
 
 
+def _family_problems(spec: PipelineSpec, *, training: bool) -> list[tuple[str, str]]:
+    """What a family cannot do. ``temporal.pooling: model`` is X-CLIP's own temporal model; X-CLIP's frames attend
+    to each other in groups of the checkpoint's ``num_frames``, so a segment must have exactly that many and
+    whole frames only (tiles are not frames of a video)."""
+    m, s = spec.model, spec.sampling
+    family, config = _checkpoint(m)
+    if family is None:
+        return []
+    if spec.temporal.pooling == "model" and family != "xclip":
+        return [("temporal.pooling", f"model uses the checkpoint's own temporal model, which only xclip has "
+                                     f"(this checkpoint is {family}): use mean or attention")]
+    if family != "xclip":
+        return []
+    frames = config.get("vision_config", {}).get("num_frames", 8)
+    if spec.tower.levels != (1,):
+        return [("tower.levels", "xclip embeds a segment's frames together (cross-frame attention): tiles are not "
+                                 "frames of a video, set tower.levels: [1]")]
+    if s.strategy == "fps" or s.frames != frames:
+        return [("sampling.frames", f"xclip's checkpoint attends across exactly {frames} frames per segment: set "
+                                    f"sampling.strategy: uniform (or tsn) and sampling.frames: {frames}")]
+    if training and spec.train.backbone != "frozen":
+        return [("train.backbone", "xclip trains reeltag's head on its frame features (train.backbone: frozen); "
+                                   "fine-tuning X-CLIP itself is not supported")]
+    return []
+
+
+def _checkpoint(m: ModelSpec) -> tuple[str | None, dict]:
+    """The checkpoint's family and config, or (None, {}) where it cannot be read (the load's own error says why)."""
+    try:
+        return checkpoint_family(m.family, m.pretrained, local_files_only=m.local_files_only)
+    except ModelLoadError:
+        return None, {}
+
+
+@dataclass(frozen=True)
+class SigmoidScore:
+    """SigLIP's own probability that a label applies: ``sigmoid(scale * cos + bias)``, its learned bias included."""
+
+    scale: float
+    bias: float
+
+    def __call__(self, cos: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.scale * cos + self.bias)
+
+
 @dataclass
 class Tagger:
     """Zero-shot tags: the vocabulary's prompt-ensembled embeddings, scored with the model's temperature, and a
@@ -88,7 +136,7 @@ class Tagger:
 
     vocab: Vocabulary
     label_emb: torch.Tensor  # [L, D] normalised
-    calibration: Calibration
+    calibration: Calibration | SigmoidScore  # cos -> confidence: calibrated (CLIP, ALIGN, ...) or the model's own
     logit_scale: float
     top_k: int
 
@@ -109,9 +157,10 @@ class VideoTextModel(nn.Module):
     """Segments' frames -> segment embeddings ``[B, D]`` in the joint space (and tags); texts -> embeddings."""
 
     def __init__(self, encoder: ImageTextEncoder, tower: HierarchicalTower, pooler: AttentionPooling | None,
-                 tagger: Tagger | None = None):
+                 tagger: Tagger | None = None, *, model_pooling: bool = False):
         super().__init__()
         self.encoder, self.tower, self.pooler, self.tagger = encoder, tower, pooler, tagger
+        self.model_pooling = model_pooling  # temporal.pooling: model (the encoder's own temporal model: X-CLIP)
 
     @property
     def embed_dim(self) -> int:
@@ -127,6 +176,8 @@ class VideoTextModel(nn.Module):
         """Segments' uint8 frames ``[T_i,H_i,W_i,3]`` and times ``[T_i]`` -> ``[B,D]`` segment embeddings and each
         segment's tower output. All the segments' views share backbone calls of ``tower.batch_size`` images."""
         towers = self.tower.forward_batch(frames)
+        if self.model_pooling:
+            return F.normalize(self.encoder.pool_video(torch.stack([t.raw for t in towers])), dim=-1), towers
         lengths = [len(f) for f in frames]
         fused = nn.utils.rnn.pad_sequence([t.fused for t in towers], batch_first=True)  # [B, T, D]
         times = nn.utils.rnn.pad_sequence([torch.as_tensor(t, dtype=torch.float32) for t in times_s],
@@ -159,7 +210,11 @@ def _tagger(encoder: ImageTextEncoder, spec: PipelineSpec) -> Tagger | None:
         return None
     vocab = load_vocabulary(spec.tags.vocabulary)
     label_emb = label_embeddings(encoder, vocab, spec.tags.prompts)
+    if encoder.logit_bias is not None:
+        return Tagger(vocab, label_emb, SigmoidScore(encoder.logit_scale, encoder.logit_bias), encoder.logit_scale,
+                      spec.tags.top_k)
     reference = preprocess(null_images(encoder.preprocess_cfg.resolution), encoder.preprocess_cfg)
+    reference = reference.repeat_interleave(encoder.frames_per_call, 0)  # X-CLIP: each image as a still video
     calibration = calibrate(F.normalize(encoder.forward_features(reference), dim=-1), label_emb)
     return Tagger(vocab, label_emb, calibration, encoder.logit_scale, spec.tags.top_k)
 
@@ -179,14 +234,17 @@ def create_model(spec: PipelineSpec, *, tagging: bool = True, video: bool = True
     encoder = create_encoder(m.family, pretrained=m.pretrained, local_files_only=m.local_files_only,
                              dtype=dtype or m.dtype, device=device or m.device, scratch=scratch)
     batch = m.batch_size or IMAGES_PER_CALL.get(encoder.device.type, IMAGES_PER_CALL["cpu"])
+    batch = math.ceil(batch / encoder.frames_per_call) * encoder.frames_per_call  # X-CLIP: whole segments a call
     tower = HierarchicalTower(encoder, levels=t.levels, fusion=t.fusion, batch_size=batch, fine_frames=t.fine_frames,
                               overlap=t.tile_overlap)
     trained = video and spec.temporal.checkpoint is not None and not training
     if t.fusion == "attention" and trained:
         load_fusion(spec.temporal.checkpoint, tower.fuse)
+    model_pooling = spec.temporal.pooling == "model"
     pooler = (load_checkpoint(spec.temporal.checkpoint)[0] if trained
-              else build_pooler(spec.temporal.pooling, encoder.embed_dim))
-    return VideoTextModel(encoder, tower, pooler, _tagger(encoder, spec) if tagging else None).eval()
+              else None if model_pooling else build_pooler(spec.temporal.pooling, encoder.embed_dim))
+    return VideoTextModel(encoder, tower, pooler, _tagger(encoder, spec) if tagging else None,
+                          model_pooling=model_pooling).eval()
 
 
 def decode_short_side(spec: PipelineSpec) -> int:

@@ -147,7 +147,8 @@ class TowerSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    family: Literal["clip", "align"] = "clip"  # model family of the checkpoint
+    # model family of the checkpoint (README "Model families"); auto: from the checkpoint's model_type
+    family: Literal["auto", "clip", "align", "siglip", "metaclip2", "xclip"] = "clip"
     # Hugging Face hub id (org/name) or a local checkpoint directory (see pipeline.validate.is_local_model)
     pretrained: str = field(default="openai/clip-vit-base-patch32", metadata=_PATH)
     local_files_only: bool = field(default=False, metadata=_SAME_ROWS)  # never contact the hub (air-gapped clusters)
@@ -165,7 +166,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TemporalSpec:
-    pooling: Literal["mean", "attention"] = "mean"  # how frame embeddings become one segment embedding
+    # how frame embeddings become one segment embedding; model: the checkpoint's own temporal model (xclip)
+    pooling: Literal["mean", "attention", "model"] = "mean"
     # a head trained by `reeltag train` (its directory); attention pooling only
     checkpoint: str | None = field(default=None, metadata=_PATH)
 

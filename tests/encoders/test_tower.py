@@ -18,7 +18,7 @@ def _frames(n=5, h=48, w=80):
 
 def test_level_one_global_equals_the_plain_backbone_exactly(encoder):
     frames = _frames()
-    fused, regions, boxes, fine = HierarchicalTower(encoder, levels=(1,), fusion="global", batch_size=8)(frames)
+    fused, regions, boxes, fine, _ = HierarchicalTower(encoder, levels=(1,), fusion="global", batch_size=8)(frames)
     plain = F.normalize(encoder.forward_features(preprocess(frames, encoder.preprocess_cfg)), dim=-1)
     assert torch.equal(fused, plain) and regions.shape == (5, 1, encoder.embed_dim) and fine.tolist() == [0, 1, 2, 3, 4]
     assert boxes[0].tolist() == pytest.approx([0.2, 0.0, 0.8, 1.0])  # CLIP's centre square of an 80x48 frame
@@ -30,7 +30,7 @@ def test_levels_shapes_and_mean_fusion(encoder):
     pixels, boxes, level_ids = tower.tile_views(frames)
     assert pixels.shape == (2, 4 + 16, 3, 32, 32) and boxes.shape == (20, 4)
     assert level_ids.tolist() == [2] * 4 + [3] * 16
-    fused, regions, boxes, _ = tower(frames)
+    fused, regions, boxes, _, _ = tower(frames)
     assert regions.shape == (2, 21, encoder.embed_dim) and boxes.shape == (21, 4)
     assert torch.allclose(fused, F.normalize(regions.mean(1), dim=-1), atol=1e-6)
     assert torch.allclose(regions.norm(dim=-1), torch.ones(2, 21), atol=1e-5)
@@ -38,7 +38,7 @@ def test_levels_shapes_and_mean_fusion(encoder):
 
 def test_untrained_attention_fusion_equals_global(encoder):
     frames = _frames(n=3)
-    fused, regions, _, _ = HierarchicalTower(encoder, levels=(1, 2), fusion="attention")(frames)
+    fused, regions, _, _, _ = HierarchicalTower(encoder, levels=(1, 2), fusion="attention")(frames)
     assert torch.allclose(fused, regions[:, 0], atol=1e-6)
     plain = HierarchicalTower(encoder, levels=(1,), fusion="global")(frames)[0]
     assert torch.allclose(fused, plain, atol=1e-6)
@@ -48,7 +48,7 @@ def test_fine_frames_limit_the_tiles(encoder):
     frames = _frames(n=8)
     whole = HierarchicalTower(encoder, levels=(1,))(frames)[0]
     for fine_frames, expected in (("middle", [4]), (2, [2, 6]), ("all", list(range(8)))):
-        fused, regions, _, fine = HierarchicalTower(encoder, levels=(1, 2), fusion="mean", fine_frames=fine_frames)(
+        fused, regions, _, fine, _ = HierarchicalTower(encoder, levels=(1, 2), fusion="mean", fine_frames=fine_frames)(
             frames)
         assert fine.tolist() == expected and regions.shape[0] == len(expected)
         others = [i for i in range(8) if i not in expected]
@@ -96,5 +96,5 @@ def test_a_squashing_checkpoint_gets_tiles_over_the_whole_frame(tmp_path):
     assert torch.allclose(boxes, torch.tensor([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]]))
     brightness = pixels[0].mean(dim=(1, 2, 3))
     assert brightness.argmax().item() == 0 and (brightness[0] - brightness[1:]).min() > 1.0  # only tile 0 is white
-    _, _, whole_box, _ = tower(frames)
+    _, _, whole_box, _, _ = tower(frames)
     assert whole_box[0].tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0])

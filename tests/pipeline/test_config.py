@@ -103,7 +103,7 @@ def test_choices_and_section_rules(files):
           levels: [1, 2]
         """).replace(f"model:\n  pretrained: {files['model']}\n", "")
     assert _errors(text) == [
-        "pipeline.yaml:8 model.family: must be one of clip, align, got 'clap'",
+        "pipeline.yaml:8 model.family: must be one of auto, clip, align, siglip, metaclip2, xclip, got 'clap'",
         "pipeline.yaml:9 tower.fusion: 'global' uses level 1 only; set tower.levels: [1] or fusion: mean",
     ]
 
