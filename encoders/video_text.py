@@ -56,6 +56,8 @@ def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[
     """``(key, message)`` for every rule about the model that ``spec`` breaks (reads the head's ``head.json``).
     ``training``: ``reeltag train`` trains the fusion and head, so it needs no checkpoint for them."""
     tower, temporal = spec.tower, spec.temporal
+    if spec.model.dtype == "int8" and worker_device(spec.model, spec.ray) == "cuda":
+        return [("model.dtype", "int8 is dynamic quantisation for CPUs; on a GPU use bfloat16 (or auto)")]
     problems = _family_problems(spec, training=training)
     if problems:
         return problems

@@ -152,7 +152,9 @@ class ModelSpec:
     # Hugging Face hub id (org/name) or a local checkpoint directory (see pipeline.validate.is_local_model)
     pretrained: str = field(default="openai/clip-vit-base-patch32", metadata=_PATH)
     local_files_only: bool = field(default=False, metadata=_SAME_ROWS)  # never contact the hub (air-gapped clusters)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs and bf16 CPUs, else fp32
+    # int8: dynamic quantisation of the linear layers (CPUs); auto: bf16 on GPUs, int8 on x86 CPUs, else bf16 where
+    # native, else fp32 (README "Model families")
+    dtype: Literal["auto", "float32", "bfloat16", "int8"] = "auto"
     # auto: cuda when the encoder worker has a GPU. Hashed as the device it resolves to (worker_device): CUDA
     # kernels give other numbers than CPU ones, as dtype does
     device: Literal["auto", "cpu", "cuda"] = "auto"

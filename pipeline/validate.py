@@ -43,12 +43,12 @@ def is_local_model(pretrained: str) -> bool:
 
 def resolved(spec: PipelineSpec) -> PipelineSpec:
     """``spec`` with ``model.device`` and ``model.dtype: auto`` replaced by what the encoder workers use (bf16 on
-    GPUs, and on CPUs with native bf16 when this machine has it), so the driver decides once and every worker,
+    GPUs, int8 on x86 CPUs: :func:`encoders.models.resolve_dtype`), so the driver decides once and every worker,
     whatever its own CPU, computes what the config hash says."""
     device = worker_device(spec.model, spec.ray)
     dtype = spec.model.dtype
     if dtype == "auto":
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[resolve_dtype("auto", torch.device(device))]
+        dtype = resolve_dtype("auto", torch.device(device))
     return dataclasses.replace(spec, model=dataclasses.replace(spec.model, device=device, dtype=dtype))
 
 

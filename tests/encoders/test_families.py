@@ -130,3 +130,26 @@ def test_naflex_preprocessing_reads_the_processor(tiny_dirs):
     assert cfg.naflex == (8, 16) and cfg.resolution == 32 and cfg.resample == "bilinear" and cfg.whole_frame
     siglip = checkpoint_preprocess(family="siglip", pretrained=str(tiny_dirs["siglip"]))
     assert siglip.naflex is None and siglip.squashes and siglip.resample == "bilinear"
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "siglip2", "metaclip2", "xclip"])
+def test_int8_keeps_every_familys_embeddings(name, tiny_dirs):
+    """model.dtype: int8 (dynamic quantisation of the linear layers) against fp32: cosine >= 0.99."""
+    fp32, int8 = (create_encoder("auto", pretrained=str(tiny_dirs[name]), dtype=dtype, device="cpu")
+                  for dtype in ("float32", "int8"))
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.modules())
+    pixels = preprocess(_frames(n=8), fp32.preprocess_cfg)
+    assert F.cosine_similarity(fp32.forward_features(pixels), int8.forward_features(pixels)).min() >= 0.99
+    assert F.cosine_similarity(fp32.encode_text(TEXTS), int8.encode_text(TEXTS)).min() >= 0.99
+
+
+def test_int8_is_for_cpus_and_auto_picks_it_on_x86(tiny_dirs):
+    import platform
+
+    from encoders.models import resolve_dtype
+
+    with pytest.raises(ModelLoadError, match="int8 is dynamic quantisation for CPUs"):
+        resolve_dtype("int8", torch.device("cuda"))
+    assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
+    if platform.machine() == "x86_64":
+        assert resolve_dtype("auto", torch.device("cpu")) == "int8"

@@ -15,6 +15,7 @@ from jobs.demo import MODEL, caption_embeddings, demo_spec, score_rows, score_ru
 from jobs.run import run_pipeline
 from pipeline.stages import run_sequential
 from pipeline.synth import SPLITS, sample_clips, write_clips
+from tests.conftest import REPO
 
 TILES = ("tower.levels=[1,2]", "tower.fusion=attention", f"temporal.checkpoint={MODEL / 'tiles'}")
 
@@ -93,3 +94,23 @@ def test_demo_runs_offline(tmp_path):
     assert 'search "a red circle moving left"' in out
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and report.stat().st_size > 10_000
+
+
+
+def test_int8_gives_the_demo_model_the_same_tags():
+    """The committed demo model, int8 against fp32 (model.dtype: auto picks int8 on x86 CPUs), on the demo's clips
+    and 36 held-out SynthActions clips: the same best tag for every clip."""
+    import numpy as np
+
+    from encoders.video_text import create_model
+    from jobs.demo import DEMO_CLIPS
+    from pipeline.config import load_spec
+    from pipeline.synth import render
+
+    spec = load_spec(REPO / "configs" / "demo.yaml")
+    models = {dtype: create_model(spec, dtype=dtype, device="cpu") for dtype in ("float32", "int8")}
+    for clip in [*DEMO_CLIPS, *sample_clips(36, seed=779, **SPLITS["actions"])]:
+        frames = render(clip)
+        idx = ((np.arange(3) + 0.5) * len(frames) / 3).astype(int)
+        tags = {d: m.encode([frames[idx]], [idx / clip.fps])[0]["tags"][0]["label"] for d, m in models.items()}
+        assert tags["float32"] == tags["int8"], clip
