@@ -1,6 +1,10 @@
 """Encoder throughput against the same-dtype torch.mm peak measured in the same run (run by hand).
 
-    python benchmarks/encoder_bench.py [--images 48]
+    python benchmarks/encoder_bench.py [--images 48] [--families-only]
+
+Every family's base architecture (random weights, nothing to download) at 1 thread: images/s in fp32, bf16 and
+int8 (``model.dtype: int8``, the image side quantised) and each as a fraction of the same-dtype matmul peak
+(int8: ``torch._int_mm``), next to CLIP B/32. Then, for B/32 alone:
 
 CLIP ViT-B/32 at 224 (the real architecture, random weights: nothing to download): images/s and achieved
 GFLOP/s as a fraction of the measured ``torch.mm`` peak of the same dtype and thread count, at batch 1/8/32 and
@@ -44,12 +48,97 @@ def mm_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
     return best
 
 
+def int8_peak(n: int = 2048, seconds: float = 2.0) -> float:
+    """GOP/s of a square int8 matmul (``torch._int_mm``, what dynamic quantisation's linear layers run on)."""
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+    torch._int_mm(a, a)
+    best, runs, end = 0.0, 0, time.perf_counter() + seconds
+    while runs < 3 or time.perf_counter() < end:
+        t = time.perf_counter()
+        torch._int_mm(a, a)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        runs += 1
+    return best
+
+
 def image_flops(model, batch: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model.get_image_features(pixel_values=torch.randn(batch, 3, 224, 224, dtype=model.dtype))
     return counter.get_total_flops()
+
+
+def base_families():
+    """(name, checkpoint it stands for, model, images per call, a function of the model running one call)."""
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        MetaClip2Config,
+        MetaClip2Model,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Siglip2Config,
+        Siglip2Model,
+        SiglipConfig,
+        SiglipModel,
+        XCLIPConfig,
+        XCLIPModel,
+    )
+
+    from encoders.models import naflex_patches
+
+    x224, x960 = torch.randn(8, 3, 224, 224), torch.randn(1, 3, 960, 960)
+    naflex = naflex_patches(torch.randn(8, 3, 256, 256), 16, 256)
+    owl_ids = torch.randint(0, 1000, (4, 16))
+    yield ("clip", "openai/clip-vit-base-patch32", CLIPModel(CLIPConfig()), 8,
+           lambda m, x=x224: m.get_image_features(pixel_values=x.to(_dtype(m))))
+    yield ("siglip", "google/siglip2-base-patch16-224", SiglipModel(SiglipConfig()), 8,
+           lambda m, x=x224: m.get_image_features(pixel_values=x.to(_dtype(m))))
+    yield ("siglip2 naflex", "google/siglip2-base-patch16-naflex", Siglip2Model(Siglip2Config()), 8,
+           lambda m, x=naflex: m.get_image_features(pixel_values=x[0].to(_dtype(m)), pixel_attention_mask=x[1],
+                                                    spatial_shapes=x[2]))
+    yield ("metaclip2", "facebook/metaclip-2-worldwide-s16 (B/16 shape)",
+           MetaClip2Model(MetaClip2Config(vision_config={"patch_size": 16})), 8,
+           lambda m, x=x224: m.get_image_features(pixel_values=x.to(_dtype(m))))
+    yield ("xclip", "microsoft/xclip-base-patch32 (8 frames)", XCLIPModel(XCLIPConfig()), 8,
+           lambda m, x=x224: m.get_video_features(pixel_values=x[None].to(_dtype(m))))
+    yield ("owlv2", "google/owlv2-base-patch16-ensemble (960 px)",
+           Owlv2ForObjectDetection(Owlv2Config(vision_config={"image_size": 960})), 1,
+           lambda m, x=x960: m(input_ids=owl_ids, pixel_values=x.to(_dtype(m))))
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def family_table(images: int) -> None:
+    """Each family's base architecture at 1 thread in fp32, bf16 and int8 (the image side, as model.dtype: int8)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from encoders.models import quantize_int8
+
+    torch.set_num_threads(1)
+    peaks = {"fp32": mm_peak(torch.float32), "bf16": mm_peak(torch.bfloat16), "int8": int8_peak()}
+    print("matmul peak, 1 thread: " + ", ".join(f"{k} {v:.0f} G/s" for k, v in peaks.items()))
+    print(f"{'family':<15} {'stands for':<46} {'MB fp32':>7} " + " ".join(f"{d + ' img/s':>10} {'peak':>5}"
+                                                                     for d in peaks) + f" {'int8/fp32':>9}")
+    for name, checkpoint, model, batch, call in base_families():
+        model = model.eval()
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            call(model)
+        per_image = counter.get_total_flops() / batch
+        megabytes = sum(p.numel() * 4 for p in model.parameters()) / 2 ** 20
+        rates = {}
+        for dtype in peaks:
+            variant = (quantize_int8(model) if dtype == "int8" else
+                       model.to(torch.bfloat16) if dtype == "bf16" else model.to(torch.float32))
+            with torch.inference_mode():
+                rates[dtype] = batch / timed(lambda v=variant, c=call: c(v), max(1, images // batch // 4))
+            model = model.to(torch.float32)
+        print(f"{name:<15} {checkpoint:<46} {megabytes:7.0f} " +
+              " ".join(f"{rates[d]:10.2f} {rates[d] * per_image / 1e9 / peaks[d]:5.0%}" for d in peaks) +
+              f" {rates['int8'] / rates['fp32']:8.2f}x")
 
 
 def timed(fn, repeats: int) -> float:
@@ -63,15 +152,20 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48, help="images per measurement")
+    parser.add_argument("--families-only", action="store_true", help="only the per-family table")
     args = parser.parse_args()
+    family_table(args.images)
+    if args.families_only:
+        return
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     from encoders._tiny import _clip_bpe_files
 
     torch.manual_seed(0)
     base = CLIPModel(CLIPConfig()).eval()  # ViT-B/32 at 224, text 12 x 512
-    auto = resolve_dtype("auto", torch.device("cpu"))
-    print(f"dtype auto on this CPU: {auto}; torch {torch.__version__}")
+    auto_name = resolve_dtype("auto", torch.device("cpu"))
+    auto = torch.float32 if auto_name == "float32" else torch.bfloat16  # int8 is in the table above
+    print(f"dtype auto on this CPU: {auto_name}; torch {torch.__version__}; below, {auto} for the float rows")
     print(f"{'dtype':<9} {'thr':>3} {'batch':>5} {'img/s':>7} {'GFLOP/s':>8} {'mm peak':>8} {'of peak':>7}")
     results = {}
     for dtype in (torch.float32, torch.bfloat16):

@@ -201,7 +201,7 @@ def build_tiny_xclip(*, seed: int = 0, words: tuple[str, ...] = (), image_size: 
 
 
 def build_tiny_owlv2(*, seed: int = 0, words: tuple[str, ...] = (), image_size: int = 32, width: int = 32,
-                     layers: int = 2, heads: int = 2, mlp_ratio: int = 2, embed_dim: int = 16) -> tuple:
+                     layers: int = 2, heads: int = 2, mlp_ratio: int = 2) -> tuple:
     """Random Owlv2ForObjectDetection (a box and a class embedding per patch) + CLIPTokenizer + Owlv2ImageProcessor
     (pads to a square, then resizes: as google/owlv2-base-patch16-ensemble at 960 px)."""
     from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
@@ -210,10 +210,12 @@ def build_tiny_owlv2(*, seed: int = 0, words: tuple[str, ...] = (), image_size: 
         tokenizer = CLIPTokenizer(*map(str, _clip_bpe_files(_words(words), Path(tmp))))
     text = {**_tiny_text(tokenizer, width, layers, heads, mlp_ratio, 16), "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    config = Owlv2Config(text_config=text, projection_dim=embed_dim,
+    config = Owlv2Config(text_config=text, projection_dim=width,  # its class head needs text width = projection
                          vision_config=_tiny_vision(image_size, image_size // 4, width, layers, heads, mlp_ratio))
     torch.manual_seed(seed)
     model = Owlv2ForObjectDetection(config).eval()
+    with torch.no_grad():  # random box offsets of std ~1 throw every box off the image; small ones keep the
+        model.box_head.dense2.weight.mul_(0.01)  # patch grid's prior boxes, as a trained model's are near them
     processor = Owlv2ImageProcessor(size={"height": image_size, "width": image_size})
     return model, tokenizer, processor
 

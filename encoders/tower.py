@@ -37,6 +37,14 @@ def level_boxes(level: int, height: int, width: int, overlap: float = 0.0, *, sq
                          for i in range(g) for j in range(g)])
 
 
+def pick_frames(n: int, which: str | int) -> torch.Tensor:
+    """Indices of ``n`` frames: ``all``, the ``middle`` one, or ``k`` spread evenly."""
+    if which == "all":
+        return torch.arange(n)
+    k = 1 if which == "middle" else min(int(which), n)
+    return ((torch.arange(k) + 0.5) * n / k).long()
+
+
 class TowerOutput(NamedTuple):
     """What the tower gives for one segment of ``N`` frames, ``F`` of them fine."""
 
@@ -80,11 +88,7 @@ class HierarchicalTower(nn.Module):
     def fine_index(self, n: int, fine_frames: str | int | None = None) -> torch.Tensor:
         """Which of ``n`` frames get levels >= 2: all, the middle one, or ``k`` spread evenly (``fine_frames``,
         the tower's own by default)."""
-        fine_frames = fine_frames or self.fine_frames
-        if fine_frames == "all" or self.levels == (1,):
-            return torch.arange(n)
-        k = 1 if fine_frames == "middle" else min(int(fine_frames), n)
-        return ((torch.arange(k) + 0.5) * n / k).long()
+        return pick_frames(n, "all" if self.levels == (1,) else fine_frames or self.fine_frames)
 
     def tile_views(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Levels >= 2 -> pixels ``[N,V',3,R,R]``, boxes ``[V',4]``, level ids ``[V']`` (V' may be 0)."""

@@ -21,6 +21,7 @@ from temporal.checkpoint import CheckpointError, has_head, load_checkpoint, load
 from temporal.pooling import AttentionPooling, build_pooler, mean_pool
 
 from ._registry import create_encoder
+from .detector import Owlv2Detector, create_detector
 from .models import ImageTextEncoder, ModelLoadError, checkpoint_family, checkpoint_preprocess
 from .preprocess import preprocess
 from .text import (
@@ -33,7 +34,7 @@ from .text import (
     tag_probabilities,
     top_tags,
 )
-from .tower import HierarchicalTower, TowerOutput
+from .tower import HierarchicalTower, TowerOutput, pick_frames
 
 if TYPE_CHECKING:  # the schema is data the factory reads; encoders never import the pipeline at run time
     from pipeline.config import ModelSpec, PipelineSpec, RaySpec
@@ -56,6 +57,8 @@ def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[
     """``(key, message)`` for every rule about the model that ``spec`` breaks (reads the head's ``head.json``).
     ``training``: ``reeltag train`` trains the fusion and head, so it needs no checkpoint for them."""
     tower, temporal = spec.tower, spec.temporal
+    if spec.regions.detector == "owlv2" and spec.tags.vocabulary is None:
+        return [("regions.detector", "owlv2 finds boxes for the vocabulary's labels: set tags.vocabulary")]
     if spec.model.dtype == "int8" and worker_device(spec.model, spec.ray) == "cuda":
         return [("model.dtype", "int8 is dynamic quantisation for CPUs; on a GPU use bfloat16 (or auto)")]
     problems = _family_problems(spec, training=training)
@@ -159,10 +162,12 @@ class VideoTextModel(nn.Module):
     """Segments' frames -> segment embeddings ``[B, D]`` in the joint space (and tags); texts -> embeddings."""
 
     def __init__(self, encoder: ImageTextEncoder, tower: HierarchicalTower, pooler: AttentionPooling | None,
-                 tagger: Tagger | None = None, *, model_pooling: bool = False):
+                 tagger: Tagger | None = None, *, model_pooling: bool = False, detector: Owlv2Detector | None = None,
+                 detector_frames: str | int = "middle"):
         super().__init__()
         self.encoder, self.tower, self.pooler, self.tagger = encoder, tower, pooler, tagger
         self.model_pooling = model_pooling  # temporal.pooling: model (the encoder's own temporal model: X-CLIP)
+        self.detector, self.detector_frames = detector, detector_frames  # regions.detector: owlv2
 
     @property
     def embed_dim(self) -> int:
@@ -203,8 +208,13 @@ class VideoTextModel(nn.Module):
             if self.tagger is None:
                 return [{"embedding": e.numpy().astype(np.float32), "tags": [], "region_tags": []} for e in emb]
             tags = self.tagger.tags(emb)
-            return [{"embedding": e.numpy().astype(np.float32), "tags": t, "region_tags": self.tagger.region_tags(o)}
-                    for e, t, o in zip(emb, tags, towers)]
+            if self.detector is not None:
+                regions = [self.detector.detect(torch.from_numpy(f[pick_frames(len(f), self.detector_frames).numpy()]))
+                           for f in frames]
+            else:
+                regions = [self.tagger.region_tags(o) for o in towers]
+            return [{"embedding": e.numpy().astype(np.float32), "tags": t, "region_tags": r}
+                    for e, t, r in zip(emb, tags, regions)]
 
 
 def _tagger(encoder: ImageTextEncoder, spec: PipelineSpec) -> Tagger | None:
@@ -245,8 +255,13 @@ def create_model(spec: PipelineSpec, *, tagging: bool = True, video: bool = True
     model_pooling = spec.temporal.pooling == "model"
     pooler = (load_checkpoint(spec.temporal.checkpoint)[0] if trained
               else None if model_pooling else build_pooler(spec.temporal.pooling, encoder.embed_dim))
-    return VideoTextModel(encoder, tower, pooler, _tagger(encoder, spec) if tagging else None,
-                          model_pooling=model_pooling).eval()
+    tagger = _tagger(encoder, spec) if tagging else None
+    r = spec.regions
+    detector = create_detector(r.pretrained, tagger.vocab.labels, local_files_only=m.local_files_only,
+                               threshold=r.threshold, nms_iou=r.nms_iou, max_boxes=r.max_boxes) \
+        if tagger is not None and video and r.detector == "owlv2" else None
+    return VideoTextModel(encoder, tower, pooler, tagger, model_pooling=model_pooling, detector=detector,
+                          detector_frames=r.frames).eval()
 
 
 def decode_short_side(spec: PipelineSpec) -> int:

@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--top-k", type=_positive(int), default=10, help="results to return")
     search.add_argument("--video", help="only this video (its video_id or uri)")
     search.add_argument("--tag", metavar="LABEL", help="only segments with this label among their stored tags")
-    search.add_argument("--min-confidence", type=float, default=0.0, help="with --tag: its least confidence")
+    search.add_argument("--region", metavar="LABEL", help="only segments with this label among their region tags")
+    search.add_argument("--min-confidence", type=float, default=0.0,
+                        help="with --tag or --region: the label's least confidence")
     search.add_argument("--after", type=float, metavar="SECONDS", help="only segments starting at or after this")
     search.add_argument("--before", type=float, metavar="SECONDS", help="only segments ending at or before this")
     search.add_argument("--json", action="store_true",
@@ -170,8 +172,8 @@ def _run(spec: PipelineSpec, command: str, *, wait: bool = False, retry_failed: 
 
 
 def _search(args: argparse.Namespace) -> int:
-    filters = Filters(video=args.video, tag=args.tag, min_confidence=args.min_confidence, after=args.after,
-                      before=args.before)
+    filters = Filters(video=args.video, tag=args.tag, region=args.region, min_confidence=args.min_confidence,
+                      after=args.after, before=args.before)
     code, found = _guarded(lambda: search(args.output_dir, args.query, image=args.image, like_segment=args.like,
                                           top_k=args.top_k, filters=filters), [
         ((SearchError, OutputInUse), 2, "reeltag search: "),

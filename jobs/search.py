@@ -32,9 +32,10 @@ from pipeline.config import parse_spec
 from pipeline.writer import commit_keys, committed_rows, latest_config, output_lock
 from temporal.files import atomic_path, write_text_atomic
 
-FORMAT = 3  # meta.json's "format": an index of another format is rebuilt
+FORMAT = 4  # meta.json's "format": an index of another format is rebuilt
 ANN_MIN_ROWS = 100_000  # live rows from which queries use the ANN index (below: exact scan; see the benchmark)
-TAGS_PER_ROW = 8  # a row's best stored tags that the tag filter sees
+TAGS_PER_ROW = 8  # a row's best stored tags that the tag filter sees (and all its region tags)
+REGION = "region:"  # a region tag's label in the postings: the same vocabulary, its own filter
 NPROBE = 16  # inverted lists visited per query (of about sqrt(rows))
 MIN_CANDIDATES = 1000  # ANN candidates re-ranked exactly (at least; 10 per result asked for). PQ's error, not the
 # lists visited, decides recall (benchmark, 2M rows): 300 candidates gave recall@10 0.70, 500 0.86, 1000 0.998,
@@ -224,7 +225,7 @@ def _append_chunk(out: Path, directory: Path, meta: dict, videos: pa.Table, vide
     with atomic_path(directory / f"{name}.f32") as tmp, open(tmp, "wb") as f:
         for _, table in committed_rows(out, "segments", config_hash, videos=changed,
                                        columns=["uri", "segment_id", "start_s", "end_s", "embedding", "tags",
-                                                "model"]):
+                                                "region_tags", "model"]):
             if table.num_rows == 0:
                 continue
             emb = np.asarray(pc.list_flatten(table["embedding"]).to_numpy(zero_copy_only=False), np.float32)
@@ -242,16 +243,18 @@ def _append_chunk(out: Path, directory: Path, meta: dict, videos: pa.Table, vide
             columns["segment_id"].append(table["segment_id"].to_numpy().astype(np.int32))
             columns["start_s"].append(table["start_s"].to_numpy())
             columns["end_s"].append(table["end_s"].to_numpy())
-            tags = table["tags"].combine_chunks()
-            flat = pc.list_flatten(tags)
-            parent = pc.list_parent_indices(tags).to_numpy()
-            rank = np.arange(len(parent)) - tags.offsets.to_numpy()[parent]  # a tag's place in its row's list
-            best = rank < TAGS_PER_ROW
-            names = flat.field("label").dictionary_encode()
-            ids = np.array([labels.setdefault(n, len(labels)) for n in names.dictionary.to_pylist()], np.int32)
-            postings["tag_label"].append(ids[names.indices.to_numpy()[best]])
-            postings["tag_row"].append((rows + parent[best]).astype(np.int32))
-            postings["tag_confidence"].append(flat.field("confidence").to_numpy()[best].astype(np.float32))
+            for column, prefix, most in (("tags", "", TAGS_PER_ROW), ("region_tags", REGION, None)):
+                tags = table[column].combine_chunks()
+                flat = pc.list_flatten(tags)
+                parent = pc.list_parent_indices(tags).to_numpy()
+                rank = np.arange(len(parent)) - tags.offsets.to_numpy()[parent]  # a tag's place in its row's list
+                best = rank < (most or len(rank) + 1)
+                names = flat.field("label").dictionary_encode()
+                ids = np.array([labels.setdefault(prefix + n, len(labels)) for n in names.dictionary.to_pylist()],
+                               np.int32)
+                postings["tag_label"].append(ids[names.indices.to_numpy()[best]])
+                postings["tag_row"].append((rows + parent[best]).astype(np.int32))
+                postings["tag_confidence"].append(flat.field("confidence").to_numpy()[best].astype(np.float32))
             rows += table.num_rows
     if rows == 0:
         (directory / f"{name}.f32").unlink()
@@ -390,9 +393,10 @@ class Filters:
     min_confidence: float = 0.0
     after: float | None = None
     before: float | None = None
+    region: str | None = None  # a label among the segment's region tags (tiles' or detector boxes'), same confidence
 
     def __bool__(self) -> bool:
-        return any(v is not None for v in (self.video, self.tag, self.after, self.before))
+        return any(v is not None for v in (self.video, self.tag, self.after, self.before, self.region))
 
 
 NO_FILTERS = Filters()
@@ -407,11 +411,15 @@ def allowed(index: Index, filters: Filters) -> np.ndarray:
         if not matches:
             raise SearchError(f"--video: no committed video {filters.video!r} in this index")
         keep &= np.isin(index.column("video"), matches)
-    if filters.tag is not None:
-        if filters.tag not in index.labels:
-            raise SearchError(f"--tag: no segment is tagged {filters.tag!r} (labels: "
-                              f"{', '.join(index.labels[:10])}{', …' if len(index.labels) > 10 else ''})")
-        label = index.labels.index(filters.tag)
+    for flag, name, prefix in (("--tag", filters.tag, ""), ("--region", filters.region, REGION)):
+        if name is None:
+            continue
+        if prefix + name not in index.labels:
+            known = [label[len(prefix):] for label in index.labels if label.startswith(prefix) and (
+                prefix or not label.startswith(REGION))]
+            raise SearchError(f"{flag}: no segment {'has a region' if prefix else 'is'} tagged {name!r} (labels: "
+                              f"{', '.join(known[:10]) or 'none'}{', …' if len(known) > 10 else ''})")
+        label = index.labels.index(prefix + name)
         hit = np.zeros(len(keep), bool)
         for c, offset in zip(index.chunks, index.offsets):  # the label's postings, best first: a prefix of them
             first, last = np.searchsorted(c.tag_label, [label, label + 1])
@@ -567,7 +575,8 @@ def search(out_dir: str | Path, text: str | None = None, *, image: str | Path | 
     started = time.perf_counter()
     results = search_index(index, vector, top_k=top_k, filters=filters, exclude=like_segment)
     took = (time.perf_counter() - started) * 1000
-    filters_used = {k: v for k, v in vars(filters).items() if v is not None and (k != "min_confidence" or filters.tag)}
+    filters_used = {k: v for k, v in vars(filters).items()
+                    if v is not None and (k != "min_confidence" or filters.tag or filters.region)}
     return {"query": {**query, "top_k": top_k, **filters_used}, "took_ms": round(took, 3), "results": results}
 
 

@@ -221,6 +221,24 @@ class TagsSpec:
 
 
 @dataclass(frozen=True)
+class RegionsSpec:
+    # what region_tags hold: tiles: each tile's best label (tower levels >= 2); owlv2: object boxes found by an
+    # open-vocabulary detector for the vocabulary's labels
+    detector: Literal["tiles", "owlv2"] = "tiles"
+    # owlv2: its checkpoint, a hub id or a local directory (loaded like model.pretrained, model.local_files_only)
+    pretrained: str = field(default="google/owlv2-base-patch16-ensemble", metadata=_PATH)
+    frames: int | str = "middle"  # owlv2: frames of a segment it looks at: middle, all, or a count k spread evenly
+    threshold: float = field(default=0.3, metadata=_FRACTION)  # owlv2: least box probability kept
+    # owlv2: a box overlapping a better box of its label by more than this is dropped (non-maximum suppression)
+    nms_iou: float = field(default=0.3, metadata=_FRACTION)
+    max_boxes: int = field(default=10, metadata=_up_to(1000))  # owlv2: boxes kept per segment, best first
+
+    def __post_init__(self):
+        if not (self.frames in ("all", "middle") or (isinstance(self.frames, int) and self.frames > 0)):
+            raise _FieldProblem("frames", f"must be all, middle or a positive count, got {self.frames!r}")
+
+
+@dataclass(frozen=True)
 class OutputSpec:
     dir: str = field(default="", metadata=_PATH)  # output directory (segments/, errors/, run.json); required
     shard_rows: int = field(default=4096, metadata=_POSITIVE)  # segment rows buffered before a shard is written
@@ -260,6 +278,7 @@ class PipelineSpec:
     model: ModelSpec
     temporal: TemporalSpec
     tags: TagsSpec
+    regions: RegionsSpec
     output: OutputSpec = field(metadata=_SAME_ROWS)
     ray: RaySpec = field(metadata=_SAME_ROWS)  # placement only (and the device it gives the encoders)
     train: TrainSpec = field(metadata=_SAME_ROWS)  # read by `reeltag train`/`eval`, never by the pipeline

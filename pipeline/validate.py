@@ -151,6 +151,8 @@ def config_hash(spec: PipelineSpec) -> str:
     vocabulary (retrained or edited in place, they change the rows under the same path)."""
     spec = resolved(spec)
     parts = _row_fields(spec)
+    if spec.regions == type(spec.regions)():  # outputs from before the regions section keep their hash
+        del parts["regions"]
     local = os.path.expanduser(spec.model.pretrained)
     if os.path.isdir(local):
         parts["model"]["weights"] = _weights_digest(

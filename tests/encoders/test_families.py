@@ -153,3 +153,56 @@ def test_int8_is_for_cpus_and_auto_picks_it_on_x86(tiny_dirs):
     assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
     if platform.machine() == "x86_64":
         assert resolve_dtype("auto", torch.device("cpu")) == "int8"
+
+
+def test_owlv2_boxes_match_the_reference_post_processing(tiny_dirs):
+    """Before suppression the detector's boxes are post_process_object_detection's on the same frame, normalised
+    (IoU >= 0.99, same labels and scores); suppression keeps the best box of each overlapping group per label."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Owlv2ForObjectDetection
+
+    from encoders.detector import box_iou, create_detector, nms
+
+    labels = WORDS
+    detector = create_detector(str(tiny_dirs["owlv2"]), labels, threshold=0.0, nms_iou=1.0, max_boxes=10_000)
+    frame = _frames(n=1, h=48, w=80)  # wide: OWLv2 pads it to a square, post-processing undoes that
+    ref = Owlv2ForObjectDetection.from_pretrained(tiny_dirs["owlv2"]).eval()
+    processor, tokenizer = AutoImageProcessor.from_pretrained(tiny_dirs["owlv2"]), AutoTokenizer.from_pretrained(
+        tiny_dirs["owlv2"])
+    with torch.no_grad():
+        out = ref(**tokenizer(list(labels), padding="max_length", max_length=16, return_tensors="pt"),
+                  **processor(images=list(frame.numpy()), return_tensors="pt"))
+    theirs = processor.post_process_object_detection(out, threshold=0.0, target_sizes=[(48, 80)])[0]
+    ref_boxes = (theirs["boxes"] / torch.tensor([80, 48, 80, 48])).clamp(0, 1)  # on the frame, normalised
+    on_frame = (ref_boxes[:, 2] > ref_boxes[:, 0]) & (ref_boxes[:, 3] > ref_boxes[:, 1])  # not only in the padding
+    ours = detector.detect(frame)
+    assert len(ours) == int(on_frame.sum()) >= 8  # every patch's best label (4 x 4 patches), those on the frame
+    order = [i for i in theirs["scores"].argsort(descending=True).tolist() if on_frame[i]]
+    for tag, i in zip(ours, order):
+        assert box_iou(torch.tensor([tag["box"]]), ref_boxes[i][None])[0, 0] >= 0.99
+        assert tag["label"] == labels[int(theirs["labels"][i])]
+        assert tag["score"] == pytest.approx(float(theirs["scores"][i]), abs=1e-5)
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32)
+    kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0, 0, 1, 0]), 0.5)
+    assert kept.tolist() == [0, 2, 3]  # box 1 overlaps box 0 of its label; box 2 is another label
+
+
+def test_owlv2_region_tags_through_the_model(tiny_dirs, tmp_path):
+    from encoders.video_text import create_model, model_problems
+
+    vocab = tmp_path / "labels.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    base = {"input": {"paths": [str(tmp_path)]}, "output": {"dir": str(tmp_path / "out")},
+            "model": {"pretrained": str(tiny_dirs["clip"]), "dtype": "float32", "device": "cpu"},
+            "regions": {"detector": "owlv2", "pretrained": str(tiny_dirs["owlv2"]), "threshold": 0.01,
+                        "max_boxes": 5}}
+    assert model_problems(parse_spec(base)) == [("regions.detector", "owlv2 finds boxes for the vocabulary's "
+                                                                     "labels: set tags.vocabulary")]
+    model = create_model(parse_spec({**base, "tags": {"vocabulary": str(vocab)}}))
+    rows = model.encode([_frames(n=8, h=48, w=80).numpy()], [np.arange(8.0)])
+    regions = rows[0]["region_tags"]
+    assert 0 < len(regions) <= 5 and all(r["label"] in WORDS and 0 <= min(r["box"]) <= max(r["box"]) <= 1
+                                         for r in regions)
+    assert [r["score"] for r in regions] == sorted((r["score"] for r in regions), reverse=True)
+    with pytest.raises(ModelLoadError, match="is a clip, not an owlv2 checkpoint"):
+        create_model(parse_spec({**base, "tags": {"vocabulary": str(vocab)},
+                                 "regions": {"detector": "owlv2", "pretrained": str(tiny_dirs["clip"])}}))

@@ -41,7 +41,9 @@ def _commit(out: Path, videos: dict[str, np.ndarray], *, labels=("run", "jump", 
         rows = [{"kind": "segment", "video_id": vid, "uri": f"/archive/{vid}.mp4", "segment_id": i,
                  "start_s": 2.0 * i, "end_s": 2.0 * i + 2.0, "frame_times_s": [2.0 * i], "embedding": e,
                  "tags": [{"label": labels[i % 3], "score": 0.5, "confidence": (i % 10) / 10}],
-                 "region_tags": [], "backend": "pyav", "stage": "", "error_type": "", "message": ""}
+                 "region_tags": [{"label": labels[(i // 2) % 3], "score": 0.5, "confidence": (i % 7) / 7,
+                                  "box": [0.0, 0.0, 0.5, 0.5]}] if i % 4 else [],
+                 "backend": "pyav", "stage": "", "error_type": "", "message": ""}
                 for i, e in enumerate(emb)]
         rows.append({"kind": "end", "video_id": vid, "uri": f"/archive/{vid}.mp4", "n_segments": len(emb),
                      "stage": "", "error_type": "", "message": ""})
@@ -155,15 +157,21 @@ def test_filters_keep_only_what_they_name_and_rank_as_brute_force_would(archive_
              (Filters(video="/archive/v07.mp4"), lambda r: r["video_id"] == "v07"),
              (Filters(tag="jump", min_confidence=0.5),
               lambda r: any(t["label"] == "jump" and t["confidence"] >= 0.5 for t in r["tags"])),
+             (Filters(region="jump", min_confidence=0.4),  # the region tags' own postings, not the tags'
+              lambda r: any(t["label"] == "jump" and t["confidence"] >= 0.4 for t in r["region_tags"])),
+             (Filters(region="sit", tag="jump"), lambda r: any(t["label"] == "sit" for t in r["region_tags"]) and
+              any(t["label"] == "jump" for t in r["tags"])),
              (Filters(after=100.0, before=150.0), lambda r: r["start_s"] >= 100.0 and r["end_s"] <= 150.0),
              (Filters(after=20.0), lambda r: r["start_s"] >= 20.0)]  # most rows: through the ANN's selector
     for filters, keep in cases:
         found, truth = _found(index, q, 10, filters), _brute(archive_out, q, 10, keep)
         rows = {(r["video_id"], r["segment_id"]): r for r in read_table(archive_out, "segments", "h").to_pylist()}
-        assert all(keep(rows[k]) for k in found), filters
+        assert truth and all(keep(rows[k]) for k in found), filters
         assert found == truth if not ann else len(set(found) & set(truth)) >= 9, filters
     with pytest.raises(SearchError, match="--tag: no segment is tagged 'fly'"):
         nearest(index, q, 10, Filters(tag="fly"))
+    with pytest.raises(SearchError, match=r"--region: no segment has a region tagged 'fly' \(labels: run, jump, sit\)"):
+        nearest(index, q, 10, Filters(region="fly"))
     with pytest.raises(SearchError, match="--video: no committed video 'nope'"):
         nearest(index, q, 10, Filters(video="nope"))
 
