@@ -1,6 +1,6 @@
 """End-to-end throughput and memory against stage-alone references measured in the same run (run by hand).
 
-    python benchmarks/pipeline_bench.py [--videos 8] [--seconds 20] [--skip-rss]
+    python benchmarks/pipeline_bench.py [--videos 8] [--seconds 20] [--skip-rss] [--dtype auto|float32|bfloat16|int8]
 
 (a) decode alone and (b) the encoder alone on frames already in memory, each on one core, in segments/s;
 (c) ``reeltag run`` end to end on the embedded Ray with one decode task and one encoder actor (one thread each)
@@ -60,9 +60,9 @@ def b32(root: Path) -> Path:
     return path
 
 
-def pipeline_yaml(inputs, model: Path, out: Path, vocab: Path) -> str:
+def pipeline_yaml(inputs, model: Path, out: Path, vocab: Path, dtype: str = "auto") -> str:
     return (f"input: {{paths: {json.dumps(inputs)}}}\nsegments: {{window_s: 4.0}}\nsampling: {{frames: 8}}\n"
-            f"model: {{pretrained: '{model}'}}\ntags: {{vocabulary: '{vocab}'}}\n"
+            f"model: {{pretrained: '{model}', dtype: {dtype}}}\ntags: {{vocabulary: '{vocab}'}}\n"
             f"output: {{dir: '{out}'}}\nray: {{num_cpus: 2, threads_per_actor: 1}}\n")
 
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--dtype", default="auto", help="model.dtype (auto: int8 on x86 CPUs)")
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "reeltag-pipeline-bench"))
     args = parser.parse_args()
     import torch
@@ -107,7 +108,7 @@ def main() -> None:
     model = b32(work)
     vocab = work / "vocab.txt"
     vocab.write_text("a person running\na car\n")
-    spec = parse_spec(pipeline_yaml(videos, model, work / "out", vocab))
+    spec = parse_spec(pipeline_yaml(videos, model, work / "out", vocab, args.dtype))
 
     torch.set_num_threads(1)
     decode = DecodeStage(spec, short_side=224)
@@ -134,7 +135,7 @@ def main() -> None:
     def run_job(inputs: list[str]) -> tuple[float, dict]:
         shutil.rmtree(work / "out", ignore_errors=True)
         config = work / "pipeline.yaml"
-        config.write_text(pipeline_yaml(inputs, model, work / "out", vocab))
+        config.write_text(pipeline_yaml(inputs, model, work / "out", vocab, args.dtype))
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config)], check=True, capture_output=True)
         return time.perf_counter() - started, json.loads((work / "out" / "run.json").read_text())
@@ -146,7 +147,7 @@ def main() -> None:
     a, b = n / t_decode, n / t_encode
     c = (full["segments"] - half["segments"]) / (t_all - t_half)
     print(f"{n} segments of 8 frames from {len(videos)} videos ({args.seconds} s, 480p and 720p H.264), "
-          f"CLIP B/32 ({full['model'].split('/')[-1]}), dtype auto")
+          f"CLIP B/32 ({full['model'].split('/')[-1]}), dtype {args.dtype}")
     print(f"(a) decode alone, 1 core:        {a:6.2f} segments/s")
     print(f"(b) encoder alone, 1 thread:     {b:6.2f} segments/s")
     print(f"(c) reeltag run, embedded Ray:   {c:6.2f} segments/s marginal ({full['segments'] / t_all:.2f} over the "

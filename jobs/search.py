@@ -503,8 +503,9 @@ def encode_query(model: VideoTextModel, text: str) -> np.ndarray:
 
 
 def encode_image(out_dir: str | Path, index: Index, path: str | Path) -> np.ndarray:
-    """A still's embedding by the run's whole video model: the image as a one-frame segment, at the short side
-    the run decoded frames at, so it lands where the stored segments are."""
+    """A still's embedding by the run's whole video model: the image as a one-frame segment (X-CLIP: a still video
+    of its ``num_frames``), at the short side the run decoded frames at, so it lands where the stored segments
+    are."""
     import av
 
     try:
@@ -518,7 +519,8 @@ def encode_image(out_dir: str | Path, index: Index, path: str | Path) -> np.ndar
     image = frame.to_ndarray(width=max(1, round(frame.width * scale)), height=max(1, round(frame.height * scale)),
                              format="rgb24", interpolation="BICUBIC")
     model = create_model(spec, tagging=False, device="cpu")
-    return model.encode([image[None]], [np.zeros(1)])[0]["embedding"]
+    k = model.encoder.frames_per_call  # X-CLIP embeds videos of k frames: the still as k identical frames
+    return model.encode([np.repeat(image[None], k, axis=0)], [np.zeros(k)])[0]["embedding"]
 
 
 def like(index: Index, ref: str) -> np.ndarray:
