@@ -98,7 +98,7 @@ def base_families():
     yield ("siglip2 naflex", "google/siglip2-base-patch16-naflex", Siglip2Model(Siglip2Config()), 8,
            lambda m, x=naflex: m.get_image_features(pixel_values=x[0].to(_dtype(m)), pixel_attention_mask=x[1],
                                                     spatial_shapes=x[2]))
-    yield ("metaclip2", "facebook/metaclip-2-worldwide-s16 (B/16 shape)",
+    yield ("metaclip2", "facebook/metaclip-2-worldwide-b16 (CLIP vocab)",
            MetaClip2Model(MetaClip2Config(vision_config={"patch_size": 16})), 8,
            lambda m, x=x224: m.get_image_features(pixel_values=x.to(_dtype(m))))
     yield ("xclip", "microsoft/xclip-base-patch32 (8 frames)", XCLIPModel(XCLIPConfig()), 8,
@@ -134,7 +134,7 @@ def family_table(images: int) -> None:
             variant = (quantize_int8(model) if dtype == "int8" else
                        model.to(torch.bfloat16) if dtype == "bf16" else model.to(torch.float32))
             with torch.inference_mode():
-                rates[dtype] = batch / timed(lambda v=variant, c=call: c(v), max(1, images // batch // 4))
+                rates[dtype] = batch / timed(lambda v=variant, c=call: c(v), max(1, min(images // batch // 4, 3)))
             model = model.to(torch.float32)
         print(f"{name:<15} {checkpoint:<46} {megabytes:7.0f} " +
               " ".join(f"{rates[d]:10.2f} {rates[d] * per_image / 1e9 / peaks[d]:5.0%}" for d in peaks) +

@@ -360,7 +360,7 @@ for _family, _default, _doc in (
         ("clip", "openai/clip-vit-base-patch32", "Any Hugging Face CLIP checkpoint."),
         ("align", "kakaobrain/align-base", "Any Hugging Face ALIGN checkpoint."),
         ("siglip", "google/siglip2-base-patch16-224", "SigLIP and SigLIP 2 checkpoints (NaFlex included)."),
-        ("metaclip2", "facebook/metaclip-2-worldwide-s16", "MetaCLIP 2 checkpoints (multilingual)."),
+        ("metaclip2", "facebook/metaclip-2-worldwide-b16", "MetaCLIP 2 checkpoints (multilingual)."),
         ("xclip", "microsoft/xclip-base-patch32", "X-CLIP video checkpoints (frames in groups of num_frames).")):
     _family_entry(_family, _default, _doc)
 

@@ -85,3 +85,31 @@ def test_xclip_runs_with_its_own_temporal_model_and_finds_a_still(tmp_path, arch
         Image.fromarray(next(container.decode(video=0)).to_ndarray(format="rgb24")).save(tmp_path / "still.png")
     found = search(out, None, image=tmp_path / "still.png", top_k=3)
     assert len(found["results"]) == 3 and found["query"]["image"] == str(tmp_path / "still.png")
+
+
+def test_reeltag_trains_its_head_on_siglip2_and_xclip_frame_features(tmp_path):
+    """`reeltag train` (frozen backbone) on each new family's frame features, then `reeltag eval` with the head."""
+    from dataclasses import replace
+
+    from pipeline.synth import sample_clips, write_clips
+
+    motions = ("moving left", "moving right")
+    small = dict(frame_sizes=((64, 48),), fps=(15.0, 15.0), duration_s=(1.2, 1.2), size=(0.3, 0.4), noise=(0.0, 0.0))
+    clips = [replace(c, travel=0.8, offset=0.0) for c in sample_clips(24, seed=5, motions=motions, **small)]
+    train = write_clips(tmp_path / "train", clips[:16], caption=lambda c: c.motion)
+    val = write_clips(tmp_path / "val", clips[16:], caption=lambda c: c.motion)
+    for family, frames in (("siglip2", 4), ("xclip", 8)):
+        model = save_tiny(tmp_path / family, family=family, words=motions)
+        out = tmp_path / f"out-{family}"
+        config = tmp_path / f"{family}.yaml"
+        config.write_text(f"input: {{paths: ['{tmp_path}/val']}}\nmodel: {{family: auto, pretrained: '{model}', "
+                          f"dtype: float32}}\nsampling: {{frames: {frames}}}\ntemporal: {{pooling: attention}}\n"
+                          f"output: {{dir: '{out}'}}\ntrain: {{manifest: '{train}', eval_manifest: '{val}', "
+                          f"epochs: 2, batch_size: 8}}\n")
+        trained = subprocess.run([*REELTAG, "train", str(config)], capture_output=True, text=True, timeout=600)
+        assert trained.returncode == 0, trained.stderr
+        assert (out / "head" / "head.safetensors").exists()
+        evaluated = subprocess.run([*REELTAG, "eval", str(config), "--set", f"temporal.checkpoint={out / 'head'}"],
+                                   capture_output=True, text=True, timeout=600)
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert json.loads((out / "eval.json").read_text())["pooling"] == "attention"
