@@ -22,7 +22,11 @@ SPLITS = {
     "small": dict(size=SMALL, frame_sizes=((256, 192), (192, 192), (192, 256))),
     # training only: shapes as small as the tower's level-2 tiles see the `small` split's (2-5 px in a 64 px view)
     "tiny": dict(size=(0.035, 0.08), frame_sizes=((96, 64), (80, 80), (64, 96), (128, 96), (96, 128))),
+    # the `actions` clips with real variety: any background brightness and tint, textures, shades of each colour,
+    # soft or hard edges, camera noise, frame sizes 64-640 px at aspect ratios 9:16 to 21:9 (what trains the demo)
+    "varied": dict(size=(0.08, 0.45), varied=True),
 }
+TEXTURES = ("flat", "noise", "gradient", "stripes", "blobs")
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,23 @@ class Clip:
     offset: float = 0.0  # start position across the motion, as a fraction of the free space (-0.5..0.5)
     crf: int = 18  # H.264 quality when written (higher: more compression artefacts)
     seed: int = 0
+    # variety (the `varied` split; the defaults draw the plain grey-128 clips every split had before):
+    background: float = 128.0  # background brightness, 0..255
+    tint: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added to the background per channel
+    texture: str = "flat"  # flat, noise, gradient, stripes, blobs: the background's pattern (never a shape)
+    texture_scale: float = 0.2  # the pattern's period or grain, as a fraction of the short side
+    texture_amp: float = 0.0  # the pattern's amplitude, 0..255
+    shade: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added to the named colour per channel (a shade of it)
+    antialias: bool = False  # soft shape edges (coverage at 4x4 subpixels) instead of hard ones
+    camera_noise: float = 0.0  # per-frame sensor noise, 0..255 (changes every frame, unlike `noise`)
 
     @property
     def caption(self) -> str:
         return f"a {self.colour} {self.shape} {self.motion}"
 
 
-def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+def _inside(shape: str, y: np.ndarray, x: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    """bool: which of the pixel coordinates ``y, x`` the shape covers."""
     if shape == "circle":
         return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
     if shape == "square":
@@ -55,13 +68,66 @@ def _mask(shape: str, h: int, w: int, cx: float, cy: float, r: float) -> np.ndar
     return (y <= cy + r) & (y >= cy - r) & (abs(x - cx) <= (y - (cy - r)) / 2)  # triangle, apex up
 
 
+def _background(clip: Clip, rng: np.random.Generator) -> np.ndarray:
+    """``[H, W, 3]`` float32: brightness + tint + a texture (noise, a gradient, stripes or smooth blobs)."""
+    h, w = clip.height, clip.width
+    base = np.full((h, w, 3), clip.background, np.float32) + np.asarray(clip.tint, np.float32)
+    if clip.texture == "flat" or not clip.texture_amp:
+        return base
+    period = max(2.0, clip.texture_scale * min(h, w))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    match clip.texture:
+        case "noise":  # grain of about `period` / 4 pixels, upsampled without smoothing
+            grain = max(1, round(period / 4))
+            cells = rng.uniform(-1, 1, (h // grain + 1, w // grain + 1, 3)).astype(np.float32)
+            pattern = cells.repeat(grain, 0).repeat(grain, 1)[:h, :w]
+        case "gradient":
+            angle = rng.uniform(0, 2 * np.pi)
+            ramp = (np.cos(angle) * x + np.sin(angle) * y) / max(h, w)
+            pattern = (ramp - ramp.mean())[..., None] * rng.uniform(-2, 2, 3).astype(np.float32)
+        case "stripes":
+            angle = rng.uniform(0, np.pi)
+            pattern = np.sin(2 * np.pi * (np.cos(angle) * x + np.sin(angle) * y) / period)[..., None] + np.zeros(3)
+        case "blobs":  # a few broad Gaussians of random colour
+            pattern = np.zeros((h, w, 3), np.float32)
+            for _ in range(4):
+                cy, cx, sigma = rng.uniform(0, h), rng.uniform(0, w), period * rng.uniform(0.5, 1.5)
+                blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma ** 2))
+                pattern += blob[..., None] * rng.uniform(-1, 1, 3).astype(np.float32)
+        case _:
+            raise ValueError(f"unknown texture {clip.texture!r}; expected flat, noise, gradient, stripes or blobs")
+    return base + clip.texture_amp * pattern.astype(np.float32)
+
+
+def _paint(frame: np.ndarray, clip: Clip, colour: np.ndarray, cx: float, cy: float, r: float) -> None:
+    """Draw the shape into ``frame`` in place, computing only its bounding box (hard edges: exactly the pixels
+    inside; ``antialias``: blended by coverage at 4x4 subpixels)."""
+    h, w = frame.shape[:2]
+    y0, y1 = max(0, int(np.floor(cy - r)) - 1), min(h, int(np.ceil(cy + r)) + 2)
+    x0, x1 = max(0, int(np.floor(cx - r)) - 1), min(w, int(np.ceil(cx + r)) + 2)
+    if y0 >= y1 or x0 >= x1:
+        return
+    y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)  # absolute coordinates: the same arithmetic as a whole frame
+    window = frame[y0:y1, x0:x1]
+    if not clip.antialias:
+        window[_inside(clip.shape, y, x, cx, cy, r)] = colour
+        return
+    offsets = (np.arange(4) + 0.5) / 4 - 0.5
+    cover = np.mean([_inside(clip.shape, y, x, cx - dx, cy - dy, r) for dy in offsets for dx in offsets], axis=0,
+                    dtype=np.float32)[..., None]
+    window[:] = window * (1 - cover) + colour * cover
+
+
 def render(clip: Clip) -> np.ndarray:
     """uint8 ``[N, H, W, 3]`` frames of the clip."""
     rng = np.random.default_rng(clip.seed)
     n = max(2, round(clip.duration_s * clip.fps))
     h, w = clip.height, clip.width
-    base = np.full((h, w, 3), 128, np.float32) + rng.normal(0, clip.noise, (h, w, 3)) if clip.noise else np.full(
-        (h, w, 3), 128, np.float32)
+    base = _background(clip, rng) if clip.texture != "flat" or clip.tint != (0.0, 0.0, 0.0) or (
+        clip.background != 128.0) else np.full((h, w, 3), 128, np.float32)
+    if clip.noise:
+        base = base + rng.normal(0, clip.noise, (h, w, 3))
+    colour = np.clip(np.asarray(COLOURS[clip.colour], np.float32) + np.asarray(clip.shade, np.float32), 0, 255)
     r0 = clip.size * min(h, w) / 2
     frames = []
     free_x, free_y = max(w - 2 * r0, 0), max(h - 2 * r0, 0)
@@ -83,7 +149,9 @@ def render(clip: Clip) -> np.ndarray:
             case "shrinking":
                 r = r0 * (1.2 + clip.travel * 0.25 - clip.travel * 1.25 * p)
         frame = base.copy()
-        frame[_mask(clip.shape, h, w, cx, cy, r)] = COLOURS[clip.colour]
+        _paint(frame, clip, colour, cx, cy, r)
+        if clip.camera_noise:
+            frame += clip.camera_noise * rng.standard_normal((h, w, 3), dtype=np.float32)
         frames.append(frame.clip(0, 255).astype(np.uint8))
     return np.stack(frames)
 
@@ -119,8 +187,10 @@ Range = tuple[float, float]  # (low, high) of a drawn factor
 
 def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS,
                  frame_sizes: tuple[tuple[int, int], ...] = ((96, 64), (80, 80), (64, 96)), fps: Range = (24.0, 30.0),
-                 duration_s: Range = (2.0, 4.0), size: Range = (0.2, 0.4), noise: Range = (0.0, 25.0)) -> list[Clip]:
-    """``n`` clips, deterministic by ``seed``: motions cycle (balanced classes), every other factor is drawn."""
+                 duration_s: Range = (2.0, 4.0), size: Range = (0.2, 0.4), noise: Range = (0.0, 25.0),
+                 varied: bool = False) -> list[Clip]:
+    """``n`` clips, deterministic by ``seed``: motions cycle (balanced classes), every other factor is drawn;
+    ``varied``: backgrounds, shades, edges, camera noise and frame sizes drawn too (:func:`vary`)."""
     rng = np.random.default_rng(seed)
     clips = []
     for i in range(n):
@@ -131,12 +201,30 @@ def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS,
                           size=float(rng.uniform(*size)), seed=int(rng.integers(2**31))))
     # speed, start position and encoding quality come from each clip's own seed, so adding them left the draws
     # above (and every data set made before) unchanged
-    varied = []
+    drawn = []
     for clip in clips:
         own = np.random.default_rng(clip.seed)
-        varied.append(replace(clip, travel=float(own.uniform(0.5, 0.9)), offset=float(own.uniform(-0.3, 0.3)),
-                              crf=int(own.integers(18, 31))))
-    return varied
+        drawn.append(replace(clip, travel=float(own.uniform(0.5, 0.9)), offset=float(own.uniform(-0.3, 0.3)),
+                             crf=int(own.integers(18, 31))))
+    return [vary(c) for c in drawn] if varied else drawn
+
+
+def vary(clip: Clip) -> Clip:
+    """``clip`` with real variety drawn from its own seed: background brightness 30-220 and a tint, a texture
+    (noise, gradient, stripes, blobs; textures, never shapes) at a scale, a shade of its colour, soft or hard
+    edges, camera noise, and a frame of 64-640 px a side at an aspect ratio from 9:16 to 21:9."""
+    rng = np.random.default_rng([clip.seed, 1])  # its own stream: the factors drawn before stay as they were
+    aspect = float(np.exp(rng.uniform(np.log(9 / 16), np.log(21 / 9))))
+    short = float(np.exp(rng.uniform(np.log(64), np.log(360))))  # log-uniform: most frames small, some large
+    long = min(640.0, short * max(aspect, 1 / aspect))
+    width, height = (long, short) if aspect >= 1 else (short, long)
+    return replace(clip, width=int(round(width / 2) * 2), height=int(round(height / 2) * 2),
+                   background=float(rng.uniform(30, 220)), tint=tuple(float(v) for v in rng.uniform(-25, 25, 3)),
+                   texture=str(rng.choice(TEXTURES)), texture_scale=float(np.exp(rng.uniform(np.log(0.03),
+                                                                                           np.log(0.6)))),
+                   texture_amp=float(rng.uniform(5, 35)), shade=tuple(float(v) for v in rng.uniform(-30, 30, 3)),
+                   antialias=bool(rng.integers(2)), camera_noise=float(rng.uniform(0, 6) if rng.integers(2) else 0),
+                   noise=0.0)
 
 
 def _write_clip(path: Path, clip: Clip) -> str:
