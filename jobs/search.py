@@ -99,6 +99,15 @@ class Index:
             out[at] = self.chunks[c].embeddings[rows[at] - self.offsets[c]]
         return out
 
+    def rows_of(self, video: int) -> np.ndarray:
+        """Global row ids of one video (an index into ``videos``), live or not, in row order."""
+        if "_by_video" not in self._columns:
+            order = np.argsort(self.column("video"), kind="stable")
+            self._columns["_by_video"] = (order, np.searchsorted(self.column("video")[order],
+                                                                 np.arange(len(self.videos) + 1)))
+        order, bounds = self._columns["_by_video"]
+        return order[bounds[video]:bounds[video + 1]]
+
     def column(self, name: str) -> np.ndarray:
         """One per-row column over all chunks (concatenated once, then kept)."""
         if name not in self._columns:
@@ -377,6 +386,8 @@ def open_index(directory: Path) -> Index:
                   ipc.open_file(pa.memory_map(str(directory / meta["videos"]))).read_all(), ann)
     for name in ("video", "segment_id", "start_s", "end_s"):  # once, here: not in a query's took_ms
         index.column(name)
+    if len(index.videos):
+        index.rows_of(0)  # the per-video row order, for moments
     return index
 
 
@@ -538,26 +549,56 @@ def like(index: Index, ref: str) -> np.ndarray:
     return index.embedding(rows[:1])[0]
 
 
+MERGE = 0.5  # a window joins a moment when its score is above best - MERGE * (best - the video's median score)
+
+
 def search_index(index: Index, query: np.ndarray, *, top_k: int = 10, filters: Filters = NO_FILTERS,
-                 iou: float = 0.3, exclude: str | None = None) -> list[dict]:
-    """Ranked moments for an embedded query; overlapping windows of a video (multi-scale windows from
-    ``segments.localize``) are suppressed in favour of the best one."""
+                 exclude: str | None = None) -> list[dict]:
+    """Ranked moments for an embedded query: each the best window (its ``segment_id``, ``score``) with its full
+    extent, ``start_s``/``end_s`` covering the overlapping or adjacent windows of the video that match too
+    (:func:`moment_extent`); a window mostly inside a moment already found is not another result."""
     rows, scores = nearest(index, query, max(20 * top_k, 200), filters)
     video, segment = index.column("video"), index.column("segment_id")
     start, end = index.column("start_s"), index.column("end_s")
     ids, uris = index.videos["video_id"], index.videos["uri"]
+    keep = allowed(index, filters) if filters else ~index.deleted
     results: list[dict] = []
     for row, value in zip(rows, scores):
         v = int(video[row])
-        r = {"video_id": ids[v].as_py(), "uri": uris[v].as_py(), "segment_id": int(segment[row]),
-             "start_s": float(start[row]), "end_s": float(end[row])}
-        if exclude == f"{r['video_id']}:{r['segment_id']}":
+        if exclude == f"{ids[v].as_py()}:{int(segment[row])}":
             continue
-        if not any(m["video_id"] == r["video_id"] and _iou(m, r) > iou for m in results):
-            results.append({**r, "score": round(float(value), 5)})
+        s, e = float(start[row]), float(end[row])
+        if any(m["video_id"] == ids[v].as_py() and min(e, m["end_s"]) - max(s, m["start_s"]) > 0.5 * (e - s)
+               for m in results):
+            continue
+        s, e = moment_extent(index, query, row, keep)
+        results.append({"video_id": ids[v].as_py(), "uri": uris[v].as_py(), "segment_id": int(segment[row]),
+                        "start_s": s, "end_s": e, "score": round(float(value), 5)})
         if len(results) == top_k:
             break
     return results
+
+
+def moment_extent(index: Index, query: np.ndarray, row: int, keep: np.ndarray) -> tuple[float, float]:
+    """``(start_s, end_s)`` of the moment around window ``row``: grown over the video's windows (those ``keep``
+    allows) that overlap or touch it and score above ``best - MERGE * (best - median)`` of that video."""
+    start, end = index.column("start_s"), index.column("end_s")
+    lo, hi = float(start[row]), float(end[row])
+    rows = index.rows_of(int(index.column("video")[row]))
+    rows = rows[keep[rows]]
+    if len(rows) < 3:
+        return lo, hi
+    scores = index.embedding(rows) @ query
+    best = float((index.embedding(np.array([row])) @ query)[0])
+    matching = rows[scores >= best - MERGE * (best - float(np.median(scores)))]
+    spans = sorted(zip(start[matching].tolist(), end[matching].tolist()))
+    grown = True
+    while grown:
+        grown = False
+        for s, e in spans:
+            if s <= hi + 1e-6 and e >= lo - 1e-6 and (s < lo or e > hi):
+                lo, hi, grown = min(lo, s), max(hi, e), True
+    return lo, hi
 
 
 def search(out_dir: str | Path, text: str | None = None, *, image: str | Path | None = None,
@@ -580,12 +621,6 @@ def search(out_dir: str | Path, text: str | None = None, *, image: str | Path | 
     filters_used = {k: v for k, v in vars(filters).items()
                     if v is not None and (k != "min_confidence" or filters.tag or filters.region)}
     return {"query": {**query, "top_k": top_k, **filters_used}, "took_ms": round(took, 3), "results": results}
-
-
-def _iou(a: dict, b: dict) -> float:
-    inter = max(0.0, min(a["end_s"], b["end_s"]) - max(a["start_s"], b["start_s"]))
-    union = (a["end_s"] - a["start_s"]) + (b["end_s"] - b["start_s"]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def format_results(results: list[dict]) -> str:
