@@ -174,6 +174,26 @@ class TemporalSpec:
     checkpoint: str | None = field(default=None, metadata=_PATH)
 
 
+_PROBABILITY = _check(lambda v: 0 <= v <= 1, "must be between 0 and 1, got {got}")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Whole-model training: augmentation of the cached frames, on the fly (temporal/augment.py). Never hue or
+    flips: nothing that changes a label. Each clip draws its own values, the same for all its frames."""
+
+    brightness: float = field(default=0.0, metadata=_OVERLAP)  # add up to +-this x 255
+    contrast: float = field(default=0.0, metadata=_OVERLAP)  # scale around the clip's mean by 1 +- this
+    gamma: float = field(default=0.0, metadata=_OVERLAP)  # x ** exp(+-this)
+    blur: float = field(default=0.0, metadata=_PROBABILITY)  # share of clips blurred (Gaussian, sigma 0.3-1.2 px)
+    noise: float = field(default=0.0, metadata=_OVERLAP)  # per-frame Gaussian noise of std up to this x 255
+    jpeg: float = field(default=0.0, metadata=_PROBABILITY)  # share of clips re-compressed (JPEG quality 20-80)
+    crop: float = field(default=0.0, metadata=_OVERLAP)  # zoom into a window of at least 1 - this of each side
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     # labelled clips for `reeltag train` (.jsonl/.csv: uri, start_s, end_s, caption|label)
@@ -195,9 +215,10 @@ class TrainSpec:
     seed: int = 0  # initialisation and shuffling
     heads: int = field(default=4, metadata=_POSITIVE)  # attention heads of the temporal head
     layers: int = field(default=1, metadata=_POSITIVE)  # transformer blocks of the temporal head
+    augment: AugmentSpec = field(default_factory=AugmentSpec)  # whole-model training: augmentation of the frames
 
     def __post_init__(self):
-        for key in ("max_shift", "mean_loss"):  # a key the mode does not use is an error, not ignored
+        for key in ("max_shift", "mean_loss", "augment"):  # a key the mode does not use is an error, not ignored
             if self.backbone == "frozen" and getattr(self, key):
                 raise _FieldProblem(key, "is used only when the whole model trains (train.backbone: finetune or "
                                          "scratch); with frozen, frames are embedded once")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .augment import augment_clips
 from .checkpoint import (
     META_FILE,
     CheckpointError,
@@ -236,6 +237,8 @@ class ModelTask:
     def loss(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         d, s, enc = self.data, self.settings, self.encoder
         pixels = shift_clips(d.pixels[index], round(s.max_shift * enc.preprocess_cfg.resolution), generator)
+        if s.augment:
+            pixels = augment_clips(pixels, s.augment, generator)
         x = enc.normalise(rearrange(pixels, "b t c h w -> (b t) c h w").float())
         frames = rearrange(F.normalize(enc.embed_images(x), dim=-1), "(b t) d -> b t d", b=len(index))
         video = self.head(frames, d.times_s[index], d.mask[index])
