@@ -27,6 +27,9 @@ SPLITS = {
     "varied": dict(size=(0.08, 0.45), varied=True),
 }
 TEXTURES = ("flat", "noise", "gradient", "stripes", "blobs")
+# what each colour name covers, for the varied split's shades: hue range in degrees, least saturation and value
+HUES = {"red": (-20.0, 15.0, 0.6, 0.55), "green": (95.0, 155.0, 0.45, 0.45), "blue": (200.0, 245.0, 0.5, 0.5),
+        "yellow": (42.0, 62.0, 0.6, 0.75)}
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,16 @@ def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS,
     return [vary(c) for c in drawn] if varied else drawn
 
 
+def _shade(colour: str, rng: np.random.Generator) -> tuple[float, float, float]:
+    """A random shade of ``colour`` (hue, saturation and value within :data:`HUES`), as an offset from
+    :data:`COLOURS`."""
+    import colorsys
+
+    low, high, saturation, value = HUES[colour]
+    rgb = colorsys.hsv_to_rgb((rng.uniform(low, high) % 360) / 360, rng.uniform(saturation, 1), rng.uniform(value, 1))
+    return tuple(float(255 * c - base) for c, base in zip(rgb, COLOURS[colour]))
+
+
 def vary(clip: Clip) -> Clip:
     """``clip`` with real variety drawn from its own seed: background brightness 30-220 and a tint, a texture
     (noise, gradient, stripes, blobs; textures, never shapes) at a scale, a shade of its colour, soft or hard
@@ -222,7 +235,7 @@ def vary(clip: Clip) -> Clip:
                    background=float(rng.uniform(30, 220)), tint=tuple(float(v) for v in rng.uniform(-25, 25, 3)),
                    texture=str(rng.choice(TEXTURES)), texture_scale=float(np.exp(rng.uniform(np.log(0.03),
                                                                                            np.log(0.6)))),
-                   texture_amp=float(rng.uniform(5, 35)), shade=tuple(float(v) for v in rng.uniform(-30, 30, 3)),
+                   texture_amp=float(rng.uniform(5, 35)), shade=_shade(clip.colour, rng),
                    antialias=bool(rng.integers(2)), camera_noise=float(rng.uniform(0, 6) if rng.integers(2) else 0),
                    noise=0.0)
 

@@ -37,3 +37,26 @@ def test_write_clips_writes_videos_and_a_manifest(tmp_path):
     assert [r["caption"] for r in rows] == [f"a {r['colour']} {r['shape']} {r['motion']}" for r in rows]
     assert all((tmp_path / f"{i:04d}.mp4").stat().st_size > 0 for i in range(2))
     assert {"uri", "start_s", "end_s", "travel", "offset", "crf"} <= rows[0].keys()
+
+
+def test_the_varied_split_varies_what_the_issue_names_and_keeps_every_label():
+    from pipeline.synth import COLOURS, SPLITS, TEXTURES, render
+
+    clips = sample_clips(300, seed=4, **SPLITS["varied"])
+    assert {c.texture for c in clips} == set(TEXTURES) and {c.antialias for c in clips} == {True, False}
+    assert min(c.background for c in clips) < 45 and max(c.background for c in clips) > 205
+    sides = [s for c in clips for s in (c.width, c.height)]
+    assert 64 <= min(sides) < 80 and 500 < max(sides) <= 640
+    aspects = [c.width / c.height for c in clips]
+    assert 9 / 16 - 0.02 <= min(aspects) < 0.7 and 1.9 < max(aspects) <= 21 / 9 + 0.02
+    for clip in clips[:40]:
+        shade = np.clip(np.array(COLOURS[clip.colour]) + clip.shade, 0, 255)
+        # a shade stays its colour: the channels that make the colour stay well above the others
+        assert {"red": shade[0] > max(shade[1], shade[2]) + 60, "green": shade[1] > max(shade[0], shade[2]) + 40,
+                "blue": shade[2] > max(shade[0], shade[1]) + 40,
+                "yellow": min(shade[0], shade[1]) > shade[2] + 60 and abs(shade[0] - shade[1]) < 90}[clip.colour], \
+            clip
+        frames = render(clip)
+        assert frames.shape[1:] == (clip.height, clip.width, 3)
+    # the other splits draw exactly the clips they drew before the varied split existed
+    assert sample_clips(3, seed=4, **SPLITS["actions"])[0].background == 128.0
