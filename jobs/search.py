@@ -580,18 +580,26 @@ def search_index(index: Index, query: np.ndarray, *, top_k: int = 10, filters: F
 
 
 def moment_extent(index: Index, query: np.ndarray, row: int, keep: np.ndarray) -> tuple[float, float]:
-    """``(start_s, end_s)`` of the moment around window ``row``: grown over the video's windows (those ``keep``
-    allows) that overlap or touch it and score above ``best - MERGE * (best - median)`` of that video."""
+    """``(start_s, end_s)`` of the moment around window ``row``, read off the video's finest windows (the shortest
+    length it has: with ``segments.localize``, the smallest scale): the run of overlapping or adjacent ones that
+    score above ``best - MERGE * (best - median)`` among them and reach the window ``row``. A window alone when
+    none of them does, or the video has fewer than three."""
     start, end = index.column("start_s"), index.column("end_s")
     lo, hi = float(start[row]), float(end[row])
     rows = index.rows_of(int(index.column("video")[row]))
     rows = rows[keep[rows]]
+    length = end[rows] - start[rows]
+    rows = rows[length <= length.min() * 1.01 + 1e-9]
     if len(rows) < 3:
         return lo, hi
     scores = index.embedding(rows) @ query
-    best = float((index.embedding(np.array([row])) @ query)[0])
+    best = float(scores.max())
     matching = rows[scores >= best - MERGE * (best - float(np.median(scores)))]
     spans = sorted(zip(start[matching].tolist(), end[matching].tolist()))
+    run = [(s, e) for s, e in spans if s < hi and e > lo]  # the matching fine windows inside the window
+    if not run:
+        return lo, hi
+    lo, hi = min(s for s, _ in run), max(e for _, e in run)
     grown = True
     while grown:
         grown = False
