@@ -118,7 +118,7 @@ def _paint(frame: np.ndarray, clip: Clip, colour: np.ndarray, cx: float, cy: flo
     offsets = (np.arange(4) + 0.5) / 4 - 0.5
     cover = np.mean([_inside(clip.shape, y, x, cx - dx, cy - dy, r) for dy in offsets for dx in offsets], axis=0,
                     dtype=np.float32)[..., None]
-    window[:] = window * (1 - cover) + colour * cover
+    window[:] = (window * (1 - cover) + colour * cover).clip(0, 255)
 
 
 def render(clip: Clip) -> np.ndarray:
@@ -130,6 +130,9 @@ def render(clip: Clip) -> np.ndarray:
         clip.background != 128.0) else np.full((h, w, 3), 128, np.float32)
     if clip.noise:
         base = base + rng.normal(0, clip.noise, (h, w, 3))
+    base = base.clip(0, 255).astype(np.uint8)  # frames are painted in uint8: only the shape's box is touched
+    # camera noise: four frames of it, cycled (drawing a frame of normals each frame was most of the render time)
+    grain = clip.camera_noise * rng.standard_normal((4, h, w, 3), dtype=np.float32) if clip.camera_noise else None
     colour = np.clip(np.asarray(COLOURS[clip.colour], np.float32) + np.asarray(clip.shade, np.float32), 0, 255)
     r0 = clip.size * min(h, w) / 2
     frames = []
@@ -153,9 +156,9 @@ def render(clip: Clip) -> np.ndarray:
                 r = r0 * (1.2 + clip.travel * 0.25 - clip.travel * 1.25 * p)
         frame = base.copy()
         _paint(frame, clip, colour, cx, cy, r)
-        if clip.camera_noise:
-            frame += clip.camera_noise * rng.standard_normal((h, w, 3), dtype=np.float32)
-        frames.append(frame.clip(0, 255).astype(np.uint8))
+        if grain is not None:
+            frame = (frame + grain[i % 4]).clip(0, 255).astype(np.uint8)
+        frames.append(frame)
     return np.stack(frames)
 
 
