@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from encoders import ModelLoadError, VocabularyError
@@ -79,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write one self-contained HTML file that summarises an output directory")
     report.add_argument("output_dir", help="a reeltag output directory (output.dir of a run)")
     report.add_argument("--out", help="where to write the HTML (default: OUTPUT_DIR/report.html)")
+    serve = sub.add_parser("serve", help="search and watch one or more output directories in a browser")
+    serve.add_argument("output_dirs", nargs="+", metavar="OUTPUT_DIR", help="reeltag output directories")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--token", help="require this token on every API and media request")
     synth = sub.add_parser("synth", help="generate SynthActions clips and their labels.jsonl (train/eval manifest)")
     synth.add_argument("directory", help="where to write NNNN.mp4 and labels.jsonl")
     synth.add_argument("--clips", type=int, default=600, help="how many clips (motions cycle: balanced classes)")
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return _search(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "synth":
             if args.clips <= 0:
                 print("reeltag: --clips must be positive", file=sys.stderr)
@@ -190,6 +198,19 @@ def _report(args: argparse.Namespace) -> int:
         ((OSError,), 1, "reeltag report: the report could not be written: ")])
     if path is not None:
         print(path)
+    return code
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from jobs.serve import serve
+
+    for out in args.output_dirs:
+        if not (Path(out) / "manifest").is_dir():
+            print(f"reeltag serve: {out}: not a reeltag output directory (no manifest/)", file=sys.stderr)
+            return 2
+    code, _ = _guarded(lambda: serve(args.output_dirs, host=args.host, port=args.port, token=args.token), [
+        ((SearchError,), 2, "reeltag serve: "),
+        ((OSError,), 1, "reeltag serve: cannot listen: ")])
     return code
 
 

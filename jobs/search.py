@@ -513,25 +513,34 @@ def encode_query(model: VideoTextModel, text: str) -> np.ndarray:
     return model.embed_texts([text])[0].float().cpu().numpy()
 
 
-def encode_image(out_dir: str | Path, index: Index, path: str | Path) -> np.ndarray:
+def encode_image(out_dir: str | Path, index: Index, path: str | Path | bytes,
+                 model: VideoTextModel | None = None) -> np.ndarray:
     """A still's embedding by the run's whole video model: the image as a one-frame segment (X-CLIP: a still video
     of its ``num_frames``), at the short side the run decoded frames at, so it lands where the stored segments
-    are."""
+    are. ``path``: a file, or the image's bytes (an upload); ``model``: the run's model, if already loaded."""
+    import io
+
     import av
 
-    try:
-        with av.open(str(path)) as container:  # PyAV (FFmpeg) reads PNG, JPEG, WebP, TIFF, BMP, …
+    name = "the uploaded image" if isinstance(path, bytes) else str(path)
+    try:  # PyAV (FFmpeg) reads PNG, JPEG, WebP, TIFF, BMP, …
+        with av.open(io.BytesIO(path) if isinstance(path, bytes) else str(path)) as container:
             frame = next(container.decode(video=0))
     except (av.FFmpegError, StopIteration, IndexError, OSError) as e:
         why = str(e).splitlines()[0] if str(e) else "no picture in it"
-        raise SearchError(f"--image {path}: not an image this machine can read ({why})") from None
+        raise SearchError(f"--image {name}: not an image this machine can read ({why})") from None
     spec = _run_spec(out_dir, index.config_hash, index.model)
     scale = decode_short_side(spec) / min(frame.width, frame.height)
     image = frame.to_ndarray(width=max(1, round(frame.width * scale)), height=max(1, round(frame.height * scale)),
                              format="rgb24", interpolation="BICUBIC")
-    model = create_model(spec, tagging=False, device="cpu")
+    model = model or image_model(out_dir, index)
     k = model.encoder.frames_per_call  # X-CLIP embeds videos of k frames: the still as k identical frames
     return model.encode([np.repeat(image[None], k, axis=0)], [np.zeros(k)])[0]["embedding"]
+
+
+def image_model(out_dir: str | Path, index: Index) -> VideoTextModel:
+    """The run's whole video model (no tags), on the CPU: what embeds a still."""
+    return create_model(_run_spec(out_dir, index.config_hash, index.model), tagging=False, device="cpu")
 
 
 def like(index: Index, ref: str) -> np.ndarray:
@@ -609,20 +618,30 @@ def moment_extent(index: Index, query: np.ndarray, row: int, keep: np.ndarray) -
     return lo, hi
 
 
-def search(out_dir: str | Path, text: str | None = None, *, image: str | Path | None = None,
-           like_segment: str | None = None, top_k: int = 10, filters: Filters = NO_FILTERS) -> dict:
-    """``{"query", "took_ms", "results"}`` for one query: ``text``, a still ``image`` or ``like_segment``
-    (``VIDEO_ID:SEGMENT_ID``). ``took_ms`` is the index's own time (filters, search, re-rank), not the model's."""
+def search(out_dir: str | Path, text: str | None = None, *, image: str | Path | bytes | None = None,
+           like_segment: str | None = None, top_k: int = 10, filters: Filters = NO_FILTERS,
+           index: Index | None = None, models: dict | None = None) -> dict:
+    """``{"query", "took_ms", "results"}`` for one query: ``text``, a still ``image`` (a file or its bytes) or
+    ``like_segment`` (``VIDEO_ID:SEGMENT_ID``). ``took_ms`` is the index's own time (filters, search, re-rank),
+    not the model's. ``index`` and ``models`` (a dict this fills: the text side and the whole model, keyed by
+    config) let a server keep them between queries; by default the index is brought up to date and opened."""
     if sum(q is not None for q in (text, image, like_segment)) != 1:
         raise SearchError("give exactly one query: a text, --image FILE or --like VIDEO_ID:SEGMENT_ID")
-    index = build_index(out_dir)
+    index = index or build_index(out_dir)
+    models = {} if models is None else models
     if like_segment is not None:
         vector, query = like(index, like_segment), {"like": like_segment}
     elif image is not None:
-        vector = encode_image(out_dir, index, image)
-        query = {"image": str(image)}
+        key = ("image", index.config_hash)
+        if key not in models:
+            models[key] = image_model(out_dir, index)
+        vector = encode_image(out_dir, index, image, models[key])
+        query = {"image": "upload" if isinstance(image, bytes) else str(image)}
     else:
-        vector, query = encode_query(query_model(out_dir, index.config_hash, index.model), text), {"text": text}
+        key = ("text", index.config_hash)
+        if key not in models:
+            models[key] = query_model(out_dir, index.config_hash, index.model)
+        vector, query = encode_query(models[key], text), {"text": text}
     started = time.perf_counter()
     results = search_index(index, vector, top_k=top_k, filters=filters, exclude=like_segment)
     took = (time.perf_counter() - started) * 1000
