@@ -114,3 +114,64 @@ def test_int8_gives_the_demo_model_the_same_tags():
         idx = ((np.arange(3) + 0.5) * len(frames) / 3).astype(int)
         tags = {d: m.encode([frames[idx]], [idx / clip.fps])[0]["tags"][0]["label"] for d, m in models.items()}
         assert tags["float32"] == tags["int8"], clip
+
+
+@pytest.fixture(scope="module")
+def independent(tmp_path_factory):
+    """Clips and long videos of the evaluation-only renderer (benchmarks/eval_render.py: PIL, other shades and
+    backgrounds, the ffmpeg CLI): never trained on."""
+    import shutil
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("the ffmpeg CLI is not installed (make test installs it with apt-get)")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import eval_render
+
+    root = tmp_path_factory.mktemp("independent")
+    eval_render.write_scenes(root / "clips", eval_render.scenes(48, seed=4242))
+    eval_render.write_long(root / "long", eval_render.long_videos(2, seed=4343))
+    return root
+
+
+@pytest.mark.slow
+def test_the_demo_model_names_what_another_renderer_drew(independent):
+    spec = demo_spec(independent / "clips", "/nonexistent")
+    rows = [r for r in run_sequential(spec, sorted(map(str, (independent / "clips").glob("*.mp4"))),
+                                      short_side=decode_short_side(spec)).to_pylist() if r["kind"] == "segment"]
+    scores = score_rows(rows, truth_of(independent / "clips" / "labels.jsonl"), caption_embeddings(spec))
+    assert scores["segments"] == 48
+    # the committed model, trained on pipeline.synth's grey backgrounds only, reaches 0.56 / 0.56 / 0.60 / 0.45
+    # here (issue 18's targets, 0.95 / 0.90 / 0.90 / 0.6, are not met: README "The demo model"); floors above
+    # chance (0.25 / 0.33 / 0.17 / 0.03) that a broken or untrained model fails
+    assert scores["colour"] >= 0.4 and scores["shape"] >= 0.4, scores
+    assert scores["motion"] >= 0.4 and scores["text_to_video_R@1"] >= 0.25, scores
+
+
+@pytest.mark.slow
+def test_actions_in_long_videos_are_found_with_their_extent(independent, tmp_path):
+    """Two 45-90 s videos, 3-5 actions each among background (one with a drifting grey blob): localised windows,
+    then each caption searched: the moments found overlap the true 4 s at IoU >= 0.5."""
+    import json
+
+    from jobs.run import save_config
+    from jobs.search import search
+    from pipeline.writer import OutputWriter
+
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = demo_spec(independent / "long", out, "segments.mode=window", "segments.localize=true")
+    save_config(out, spec, "h")
+    writer = OutputWriter(out, config_hash="h", model=spec.model_id())
+    writer.add(run_sequential(spec, sorted(map(str, (independent / "long").glob("*.mp4"))),
+                              short_side=decode_short_side(spec)))
+    writer.flush()
+    truth = [json.loads(line) for line in open(independent / "long" / "actions.jsonl")]
+    found = 0
+    for t in truth:
+        moments = [m for m in truth if m["caption"] == t["caption"]]
+        results = search(out, t["caption"], top_k=len(moments))["results"]
+        overlap = [min(r["end_s"], t["end_s"]) - max(r["start_s"], t["start_s"]) for r in results
+                   if str(Path(r["uri"]).resolve()) == t["uri"]]
+        found += any(o / (4.0 + (r["end_s"] - r["start_s"]) - o) >= 0.5
+                     for o, r in zip(overlap, [r for r in results if str(Path(r["uri"]).resolve()) == t["uri"]]))
+    assert found >= 0.5 * len(truth), (found, len(truth))  # the committed model: 6 of 7
