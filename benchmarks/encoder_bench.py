@@ -39,24 +39,23 @@ def mm_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
         if time.perf_counter() - t < seconds / 4 or n <= 256:
             break
         n //= 2
-    best, runs, end = 0.0, 0, time.perf_counter() + seconds
-    while runs < 3 or time.perf_counter() < end:
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-        runs += 1
-    return best
+    return _best_rate(lambda: torch.mm(a, b), 2 * n ** 3, seconds)
 
 
 def int8_peak(n: int = 2048, seconds: float = 2.0) -> float:
     """GOP/s of a square int8 matmul (``torch._int_mm``, what dynamic quantisation's linear layers run on)."""
     a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    torch._int_mm(a, a)
+    torch._int_mm(a, a)  # warm-up
+    return _best_rate(lambda: torch._int_mm(a, a), 2 * n ** 3, seconds)
+
+
+def _best_rate(fn, ops: int, seconds: float) -> float:
+    """G(FL)OP/s of ``fn`` (``ops`` operations a call): the best of at least three calls, timed for ``seconds``."""
     best, runs, end = 0.0, 0, time.perf_counter() + seconds
     while runs < 3 or time.perf_counter() < end:
         t = time.perf_counter()
-        torch._int_mm(a, a)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        fn()
+        best = max(best, ops / (time.perf_counter() - t) / 1e9)
         runs += 1
     return best
 
