@@ -20,12 +20,12 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from jobs.search import NO_FILTERS, Filters, Index, SearchError, _listing, build_index, search
-from pipeline.writer import latest_config, read_table
+from pipeline.writer import committed_rows, latest_config, read_table
 
 STATIC = Path(__file__).resolve().parent / "static"
 RECHECK_S = 5.0  # an archive looks for new commits at most this often
-PLAYABLE_CONTAINERS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")  # what browsers play, with these codecs
-PLAYABLE_CODECS = {"mov,mp4,m4a,3gp,3g2,mj2": ("h264", "av1", "vp9"), "matroska,webm": ("vp8", "vp9", "av1")}
+PLAYABLE_CODECS = {  # what browsers play: FFmpeg demuxer name -> codecs
+    "mov,mp4,m4a,3gp,3g2,mj2": ("h264", "av1", "vp9"), "matroska,webm": ("vp8", "vp9", "av1")}
 PREVIEW_MAX_S = 60.0  # a preview covers at most this much of a moment
 MAX_UPLOAD = 20 << 20  # bytes of an image upload
 THUMB_PX = 160
@@ -49,6 +49,7 @@ class Archive:
     listing: str = ""
     checked: float = 0.0
     models: dict = field(default_factory=dict)
+    _segments: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def current(self) -> Index:
@@ -71,12 +72,19 @@ class Archive:
         return i, self.current().videos["uri"][i].as_py()
 
     def segments(self, video_id: str) -> list[dict]:
+        """The video's committed segment rows (no embeddings), in time order: only the shards of its commit are
+        read, and once per commit listing (the page asks for every result it shows)."""
         self.video(video_id)
-        config = self.current().config_hash
-        table = read_table(self.out, "segments", config)
-        table = table.filter(pc.equal(table["video_id"], video_id)) if table.num_rows else table
-        columns = ["segment_id", "start_s", "end_s", "frame_times_s", "tags", "region_tags", "uri", "backend"]
-        return sorted(table.select(columns).to_pylist(), key=lambda r: r["start_s"])
+        key = (self.listing, video_id)
+        if key not in self._segments:
+            columns = ["segment_id", "start_s", "end_s", "frame_times_s", "tags", "region_tags", "uri", "backend"]
+            rows = [r for _, t in committed_rows(self.out, "segments", self.current().config_hash,
+                                                 videos={video_id}, columns=columns)
+                    for r in t.select(columns).to_pylist()]
+            if len(self._segments) > 1024:
+                self._segments.clear()
+            self._segments[key] = sorted(rows, key=lambda r: r["start_s"])
+        return self._segments[key]
 
 
 class Server:
@@ -92,6 +100,7 @@ class Server:
             self.archives[name] = Archive(name, out)
         self.token = token
         self._thumbs: dict[tuple, bytes] = {}
+        self._playable: dict[tuple, tuple[str, str]] = {}
         self._locks = {"thumbnail": threading.Lock(), "preview": threading.Lock()}
         self._decoders: dict = {}
 
@@ -159,16 +168,24 @@ class Server:
         return _timeline(archive.segments(video_id))
 
     def playable(self, uri: str) -> bool:
-        """Whether a browser plays the file as it is (MP4 with H.264/AV1/VP9, WebM with VP8/VP9/AV1)."""
-        from pipeline.decode import probe
+        """Whether a browser plays the file as it is (MP4 with H.264/AV1/VP9, WebM with VP8/VP9/AV1): read from the
+        container's header once per file version (the page asks for every result it shows)."""
+        import av
+
+        from pipeline.decode import open_container
         from pipeline.sources import local_path
 
         try:
             with local_path(uri) as path:
-                info, _ = probe(path)
-        except Exception:  # noqa: BLE001 - a moved or unreadable file is not playable, and says so elsewhere
+                key = (path, os.stat(path).st_mtime_ns)
+                if key not in self._playable:
+                    with open_container(path) as container:
+                        stream = container.streams.video[0]
+                        self._playable[key] = (container.format.name, stream.codec_context.name)
+        except (OSError, IndexError, av.FFmpegError):  # moved, unreadable, no video: not playable
             return False
-        return info.container in PLAYABLE_CODECS and info.codec in PLAYABLE_CODECS[info.container]
+        container, codec = self._playable[key]
+        return container in PLAYABLE_CODECS and codec in PLAYABLE_CODECS[container]
 
     def thumbnail(self, video_id: str, params: dict) -> bytes:
         archive = self.archive(params.get("archive"))
