@@ -298,13 +298,30 @@ def _stream(spec: PipelineSpec, todo: list[str], writer: OutputWriter) -> None:
             # write: on the driver, whole videos per shard, as rows stream in
             done = 0
             with Watchdog(ray, spec.ray) as watchdog:
-                for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for table in _blocks(ray, ds):
                     watchdog.rows_arrived()
                     done += len(writer.add(table))
                     if done < len(todo):
                         progress.update(done, writer.segments)
         writer.flush()
     progress.update(len(todo) - len(writer.unfinished()), writer.segments, final=True)
+
+
+def _blocks(ray: ModuleType, ds) -> Iterator[pa.Table]:
+    """The dataset's blocks as Arrow tables, each fetched on this (the driver's main) thread. Not
+    ``ds.iter_batches``: it fetches in threads of its own, and when the watchdog stopped a job whose node was lost,
+    such a thread was still waiting in Ray for objects that could not be rebuilt; ``ray.shutdown()`` then woke it
+    and Ray ended the process (exit 1, the watchdog's message never printed). Here the only thread left is the
+    executor's, which is stopped before this returns."""
+    from ray.data.block import BlockAccessor
+
+    bundles = ds.iter_internal_ref_bundles()
+    try:
+        for bundle in bundles:
+            for ref in bundle.block_refs:
+                yield BlockAccessor.for_block(ray.get(ref)).to_arrow()
+    finally:
+        del bundles  # its executor shuts down on release (joining its scheduling thread): before ray.shutdown()
 
 
 def _summary(writer: OutputWriter, *, videos: list[str], todo: list[str], skipped: Counter,
