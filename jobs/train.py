@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ from encoders.video_text import VideoTextModel, create_model, decode_short_side
 from pipeline.config import PipelineSpec
 from pipeline.decode import DecodeError, decode_span
 from pipeline.manifest import LabelledClip, read_manifest
-from temporal.checkpoint import META_FILE, HeadShape, recover_checkpoint
+from temporal.checkpoint import META_FILE, HeadShape, load_checkpoint, recover_checkpoint
 from temporal.files import atomic_path, write_text_atomic
 from temporal.metrics import mean_average_precision, retrieval, top1
 from temporal.pooling import AttentionPooling
@@ -252,8 +252,9 @@ def _train_model(spec: PipelineSpec, out: Path, log: Log) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     data, texts = _pixel_clips(spec, tr.manifest, encoder.preprocess_cfg, log=log)
     held_out = _pixel_clips(spec, tr.eval_manifest, encoder.preprocess_cfg, log=log) if tr.eval_manifest else None
-    task = ModelTask(encoder, data, texts, HeadShape(dim=encoder.embed_dim, heads=tr.heads, layers=tr.layers), tr,
-                     job=job_identity(spec))
+    shape = HeadShape(dim=encoder.embed_dim, heads=tr.heads, layers=tr.layers)
+    task = ModelTask(encoder, data, texts, shape, tr, job=job_identity(spec),
+                     head=_start_head(spec, shape) if tr.backbone == "finetune" and not resume else None)
     fit(task, tr, checkpoint_dir=checkpoint, log=log,
         evaluate=(lambda: _val(_pixel_metrics(encoder, task.head, *held_out))) if held_out else None)
     sample = torch.randperm(len(data.pixels), generator=torch.Generator().manual_seed(0))[:1000]
@@ -262,6 +263,19 @@ def _train_model(spec: PipelineSpec, out: Path, log: Log) -> dict:
     if held_out:
         summary["eval"] = _pixel_metrics(encoder, task.head, *held_out)
     return summary
+
+
+def _start_head(spec: PipelineSpec, shape: HeadShape) -> AttentionPooling | None:
+    """``finetune`` with ``temporal.checkpoint`` set: the head goes on from that trained one (a fresh head's first
+    steps would pull the trained backbone about); its shape must be the one ``train`` asks for."""
+    if not spec.temporal.checkpoint:
+        return None
+    head, _, meta, _ = load_checkpoint(spec.temporal.checkpoint)
+    if HeadShape(**meta["shape"]) != shape:
+        raise TrainError(f"temporal.checkpoint {spec.temporal.checkpoint} holds a head of shape {meta['shape']}, "
+                         f"train asks for {asdict(shape)} (train.heads, train.layers, the model's "
+                         "embedding size): set them to match, or temporal.checkpoint: null for a fresh head")
+    return head
 
 
 def run_eval(spec: PipelineSpec) -> dict:

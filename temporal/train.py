@@ -220,10 +220,10 @@ class ModelTask:
     schedule = True
 
     def __init__(self, encoder: ImageEncoder, data: ClipPixels, texts: list[str], shape: HeadShape,
-                 settings: TrainSpec, *, job: dict | None = None):
+                 settings: TrainSpec, *, job: dict | None = None, head: AttentionPooling | None = None):
         self.encoder, self.data, self.texts, self.shape, self.settings = encoder, data, texts, shape, settings
         self.job = job_of(settings, job)
-        self.head = shape.build()
+        self.head = shape.build() if head is None else head.train()  # head: a trained one to go on from
         self.clips = len(data.pixels)
 
     def param_groups(self, settings: TrainSpec) -> list[dict]:

@@ -152,6 +152,18 @@ def test_reeltag_train_a_whole_model_from_scratch(tmp_path):
             if r["kind"] == "segment"]
     assert np.mean([r["tags"][0]["label"] == lab["colour"] for r, lab in zip(rows, labels)]) >= 0.9
 
+    # finetune goes on from that model and, with temporal.checkpoint, from its head (at a vanishing rate: unchanged)
+    again = ["--set", "train.backbone=finetune", "--set", f"model.pretrained={model}", "--set",
+             f"temporal.checkpoint={model}", "--set", "train.epochs=1", "--set", "train.lr=1.0e-12"]
+    tuned = reeltag("train", config, *again, "--set", f"output.dir={tmp_path}/tuned")
+    assert tuned.returncode == 0, tuned.stderr
+    from safetensors.torch import load_file
+    start, end = load_file(model / "head.safetensors"), load_file(tmp_path / "tuned" / "model" / "head.safetensors")
+    heads = [k for k in start if k.startswith("head.")]
+    assert heads and all(torch.allclose(start[k], end[k], atol=1e-6) for k in heads)
+    other = reeltag("train", config, *again, "--set", "train.heads=2", "--set", f"output.dir={tmp_path}/other")
+    assert other.returncode == 2 and "train.heads" in other.stderr and "Traceback" not in other.stderr, other.stderr
+
 
 @pytest.mark.slow
 def test_reeltag_train_trains_the_tower_fusion_with_the_head(motion_set, tmp_path):
