@@ -23,8 +23,9 @@ SPLITS = {
     # training only: shapes as small as the tower's level-2 tiles see the `small` split's (2-5 px in a 64 px view)
     "tiny": dict(size=(0.035, 0.08), frame_sizes=((96, 64), (80, 80), (64, 96), (128, 96), (96, 128))),
     # the `actions` clips with real variety: any background brightness and tint, textures, shades of each colour,
-    # soft or hard edges, camera noise, frame sizes 64-640 px at aspect ratios 9:16 to 21:9 (what trains the demo)
-    "varied": dict(size=(0.08, 0.45), varied=True),
+    # soft or hard edges, camera noise, frame sizes 64-640 px at aspect ratios 9:16 to 21:9 (what trains the demo);
+    # at 10-15 fps: training samples 3 frames a clip, and encoding 25 fps was most of the time making them
+    "varied": dict(size=(0.08, 0.45), fps=(10.0, 15.0), varied=True),
 }
 TEXTURES = ("flat", "noise", "gradient", "stripes", "blobs")
 # what each colour name covers, for the varied split's shades: hue range in degrees, least saturation and value
