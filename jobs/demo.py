@@ -24,11 +24,19 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
 MODEL = ROOT / "models" / "synthactions"
 VOCABULARY = ROOT / "configs" / "vocab" / "synth_actions.txt"
-DEMO_CLIPS = [
-    Clip("red", "circle", "moving left", seed=1), Clip("blue", "square", "moving right", seed=2),
-    Clip("green", "triangle", "moving up", seed=3), Clip("yellow", "circle", "growing", seed=4),
-    Clip("red", "square", "shrinking", seed=5), Clip("blue", "triangle", "moving down", seed=6),
-    Clip("green", "circle", "moving left", width=256, height=192, size=0.04, seed=7),  # small: see region boxes
+DEMO_CLIPS = [  # none on plain grey: backgrounds of other brightness, tints and textures (the model saw variety)
+    Clip("red", "circle", "moving left", seed=1, background=70.0, texture="gradient", texture_amp=30.0),
+    Clip("blue", "square", "moving right", seed=2, background=190.0, tint=(10.0, 5.0, -15.0), texture="noise",
+         texture_amp=15.0),
+    Clip("green", "triangle", "moving up", seed=3, background=105.0, texture="stripes", texture_scale=0.4,
+         texture_amp=12.0),
+    Clip("yellow", "circle", "growing", seed=4, background=50.0, tint=(0.0, 0.0, 20.0), texture="blobs",
+         texture_amp=30.0),
+    Clip("red", "square", "shrinking", seed=5, background=165.0, tint=(-15.0, 10.0, 20.0), antialias=True),
+    Clip("blue", "triangle", "moving down", seed=6, background=140.0, tint=(20.0, 0.0, -20.0), texture="gradient",
+         texture_amp=35.0, camera_noise=3.0),
+    Clip("green", "circle", "moving left", width=256, height=192, size=0.04, seed=7,  # small: see region boxes
+         background=90.0, texture="noise", texture_amp=10.0),
 ]
 QUERY = "a red circle moving left"
 

@@ -88,9 +88,9 @@ def test_demo_runs_offline(tmp_path):
     out = result.stdout
     assert "7 ok, 1 failed" in out and "notes.mp4  error (decode, unreadable)" in out
     right = int(out.split("accuracy: ")[1].split("/")[0])
-    # of 7 clips, one of them a 4% shape that this model calls a triangle: it gets 6 (0.94 shape on the held-out
-    # sets); the accuracy floors are held by the tests above, on 60 clips
-    assert right >= 5 and "colour 100%" in out and "motion 100%" in out, out
+    # of 7 clips (none on plain grey), one is a 4% shape (2 px across in the 64 px view) that this model calls a
+    # triangle: it gets 6; the accuracy floors are held by the tests above, on 60 + 48 clips
+    assert right >= 6 and "colour 100%" in out and "motion 100%" in out, out
     assert 'search "a red circle moving left"' in out
     report = Path(out.split("report: ")[1].split()[0])
     assert report.is_file() and report.stat().st_size > 10_000
@@ -140,11 +140,10 @@ def test_the_demo_model_names_what_another_renderer_drew(independent):
                                       short_side=decode_short_side(spec)).to_pylist() if r["kind"] == "segment"]
     scores = score_rows(rows, truth_of(independent / "clips" / "labels.jsonl"), caption_embeddings(spec))
     assert scores["segments"] == 48
-    # the committed model, trained on pipeline.synth's grey backgrounds only, reaches 0.56 / 0.56 / 0.60 / 0.45
-    # here (issue 18's targets, 0.95 / 0.90 / 0.90 / 0.6, are not met: README "The demo model"); floors above
-    # chance (0.25 / 0.33 / 0.17 / 0.03) that a broken or untrained model fails
-    assert scores["colour"] >= 0.4 and scores["shape"] >= 0.4, scores
-    assert scores["motion"] >= 0.4 and scores["text_to_video_R@1"] >= 0.25, scores
+    # the committed model reaches 1.00 / 0.92 / 1.00 / 1.00 here (the stage-1 base, trained on grey backgrounds
+    # only: 0.56 / 0.56 / 0.60 / 0.45); floors below that, far above chance (0.25 / 0.33 / 0.17 / 0.03)
+    assert scores["colour"] >= 0.85 and scores["shape"] >= 0.7, scores
+    assert scores["motion"] >= 0.85 and scores["text_to_video_R@1"] >= 0.6, scores
 
 
 @pytest.mark.slow
@@ -174,4 +173,4 @@ def test_actions_in_long_videos_are_found_with_their_extent(independent, tmp_pat
                    if str(Path(r["uri"]).resolve()) == t["uri"]]
         found += any(o / (4.0 + (r["end_s"] - r["start_s"]) - o) >= 0.5
                      for o, r in zip(overlap, [r for r in results if str(Path(r["uri"]).resolve()) == t["uri"]]))
-    assert found >= 0.5 * len(truth), (found, len(truth))  # the committed model: 6 of 7
+    assert found >= 0.7 * len(truth), (found, len(truth))  # the committed model: all; the stage-1 base: 6 of 7
