@@ -35,7 +35,7 @@ DEMO_CLIPS = [  # none on plain grey: backgrounds of other brightness, tints and
     Clip("red", "square", "shrinking", seed=5, background=165.0, tint=(-15.0, 10.0, 20.0), antialias=True),
     Clip("blue", "triangle", "moving down", seed=6, background=140.0, tint=(20.0, 0.0, -20.0), texture="gradient",
          texture_amp=35.0, camera_noise=3.0),
-    Clip("green", "circle", "moving left", width=256, height=192, size=0.15, seed=7,  # small: see region boxes
+    Clip("green", "circle", "moving left", width=256, height=192, size=0.15, seed=7,  # the smallest: ~10 px in view
          background=90.0, texture="noise", texture_amp=10.0),
 ]
 QUERY = "a red circle moving left"
