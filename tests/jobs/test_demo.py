@@ -14,7 +14,7 @@ from encoders.video_text import decode_short_side
 from jobs.demo import MODEL, caption_embeddings, demo_spec, score_rows, score_run, truth_of
 from jobs.run import run_pipeline
 from pipeline.stages import run_sequential
-from pipeline.synth import SPLITS, sample_clips, write_clips
+from pipeline.synth import MOTIONS, SPLITS, sample_clips, write_clips
 from tests.conftest import REPO
 
 TILES = ("tower.levels=[1,2]", "tower.fusion=attention", f"temporal.checkpoint={MODEL / 'tiles'}")
@@ -25,6 +25,7 @@ def held_out(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthactions")
     write_clips(root / "actions", sample_clips(36, seed=777, **SPLITS["actions"]))
     write_clips(root / "small", sample_clips(24, seed=778, **SPLITS["small"]))
+    write_clips(root / "moving", sample_clips(96, seed=776, **dict(SPLITS["actions"], motions=MOTIONS[:4])))
     return root
 
 
@@ -41,10 +42,12 @@ def test_the_demo_model_tags_held_out_clips_right(held_out, tmp_path):
 
 @pytest.mark.slow
 def test_mean_pooling_cannot_tell_directions_apart(held_out, tmp_path):
-    spec = demo_spec(held_out / "actions", tmp_path / "out", "temporal.pooling=mean", "temporal.checkpoint=null")
-    rows = [r for r in run_sequential(spec, sorted(map(str, (held_out / "actions").glob("*.mp4"))),
+    """96 clips moving left, right, up or down (48 a pair: a standard error of 0.07 around chance; the 12 a pair of
+    the actions clips left 0.14: the retrained model read up/down on 11 of 12 of them, 0.50 on 240 in the benchmark)."""
+    spec = demo_spec(held_out / "moving", tmp_path / "out", "temporal.pooling=mean", "temporal.checkpoint=null")
+    rows = [r for r in run_sequential(spec, sorted(map(str, (held_out / "moving").glob("*.mp4"))),
                                       short_side=decode_short_side(spec)).to_pylist() if r["kind"] == "segment"]
-    scores = score_rows(rows, truth_of(held_out / "actions" / "labels.jsonl"), caption_embeddings(spec))
+    scores = score_rows(rows, truth_of(held_out / "moving" / "labels.jsonl"), caption_embeddings(spec))
     assert scores["colour"] >= 0.85, scores  # what a frame shows is still there
     assert scores["left/right"] <= 0.8 and scores["up/down"] <= 0.8, scores  # order is not: ~0.5
 
@@ -99,7 +102,7 @@ def test_demo_runs_offline(tmp_path):
 
 def test_int8_gives_the_demo_model_the_same_tags():
     """The committed demo model, int8 against fp32 (model.dtype: auto picks int8 on x86 CPUs), on the demo's clips
-    and 36 held-out SynthActions clips: the same best tag for all but at most one (a near tie)."""
+    and 36 held-out SynthActions clips: the same best tag on every one."""
     import numpy as np
 
     from encoders.video_text import create_model
@@ -115,9 +118,9 @@ def test_int8_gives_the_demo_model_the_same_tags():
         idx = ((np.arange(3) + 0.5) * len(frames) / 3).astype(int)
         tags = {d: m.encode([frames[idx]], [idx / clip.fps])[0]["tags"][0]["label"] for d, m in models.items()}
         differ += [clip] if tags["float32"] != tags["int8"] else []
-    # the stage-2 model has one near tie here (a red circle shrinking whose shape it is unsure of: int8 says
-    # triangle); the base model had none
-    assert len(differ) <= 1, differ
+    # identical: the least fp32 gap between the best and second tag here is 0.116, int8 moves a score by 0.027 at
+    # most (the previous stage-2 model had one near tie, a red circle shrinking that int8 called a triangle)
+    assert differ == [], differ
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +147,10 @@ def test_the_demo_model_names_what_another_renderer_drew(independent):
                                       short_side=decode_short_side(spec)).to_pylist() if r["kind"] == "segment"]
     scores = score_rows(rows, truth_of(independent / "clips" / "labels.jsonl"), caption_embeddings(spec))
     assert scores["segments"] == 48
-    # the committed model reaches 1.00 / 0.92 / 1.00 / 1.00 here (the stage-1 base, trained on grey backgrounds
-    # only: 0.56 / 0.56 / 0.60 / 0.45); floors below that, far above chance (0.25 / 0.33 / 0.17 / 0.03)
+    print(f"\nindependent renderer, 48 clips: {scores}")
+    # the committed model reaches 1.00 / 0.90 / 1.00 / 1.00 here (the 5-epoch one before it: shape 0.92; the stage-1
+    # base, trained on grey backgrounds only: 0.56 / 0.56 / 0.60 / 0.45); floors below that, far above chance
+    # (0.25 / 0.33 / 0.17 / 0.03)
     assert scores["colour"] >= 0.85 and scores["shape"] >= 0.7, scores
     assert scores["motion"] >= 0.85 and scores["text_to_video_R@1"] >= 0.6, scores
 
@@ -177,4 +182,4 @@ def test_actions_in_long_videos_are_found_with_their_extent(independent, tmp_pat
                    if str(Path(r["uri"]).resolve()) == t["uri"]]
         found += any(o / (4.0 + (r["end_s"] - r["start_s"]) - o) >= 0.5
                      for o, r in zip(overlap, [r for r in results if str(Path(r["uri"]).resolve()) == t["uri"]]))
-    assert found >= 0.7 * len(truth), (found, len(truth))  # the committed model: all; the stage-1 base: 6 of 7
+    assert found >= 0.7 * len(truth), (found, len(truth))  # the 5-epoch model: all; the base: 6 of 7
