@@ -66,10 +66,11 @@ def _free_port() -> int:
 
 
 class Running:
-    def __init__(self, out: Path, *args: str):
+    def __init__(self, out: Path | list[Path], *args: str):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([*REELTAG, "serve", str(out), "--port", str(self.port), *args],
+        outs = [str(o) for o in (out if isinstance(out, list) else [out])]
+        self.proc = subprocess.Popen([*REELTAG, "serve", *outs, "--port", str(self.port), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -184,6 +185,23 @@ def test_a_token_guards_the_api_and_media(archive_out):
     assert "127.0.0.1" in running.proc.stdout.read()  # the default address: this machine only
 
 
+def test_two_output_directories_are_served_each_by_name(archive_out, tmp_path):
+    """One server, two outputs (the second a copy of the first, its index left behind): each searched by name."""
+    other = tmp_path / "second"
+    shutil.copytree(archive_out, other, ignore=shutil.ignore_patterns("serve-cache", "index*"))
+    running = Running([archive_out, other])
+    try:
+        names = [a["name"] for a in http.get(f"{running.base}/api/archives").json()["archives"]]
+        assert names == [archive_out.name, "second"]
+        for name in names:
+            found = http.get(f"{running.base}/api/search", params={"q": CAPTION, "top_k": 1, "archive": name})
+            assert found.status_code == 200 and Path(found.json()["results"][0]["uri"]).name == "long-00.mp4"
+        missing = http.get(f"{running.base}/api/videos", params={"archive": "third"})
+        assert missing.status_code == 404 and "second" in missing.json()["error"]
+    finally:
+        running.stop()
+
+
 def test_load_20_clients_x_50_queries(server):
     """Bounded (1,000 queries over loopback, 120 s at most) with zero errors; p50/p95 printed for the README."""
     import asyncio
@@ -245,6 +263,25 @@ def test_a_browser_finds_the_moment_and_plays_it_from_its_start(server, tmp_path
             page.evaluate("() => document.getElementById('video').pause()")
             page.screenshot(path=str(shot), full_page=False)
             assert shot.stat().st_size > 10_000
+            page.locator("#results .card button").first.click()  # more like this
+            page.wait_for_function("() => document.getElementById('status').textContent.includes('moments like')",
+                                   timeout=60_000)
+            assert page.locator("#results .card").count() > 0
+            page.click("#show-errors")
+            page.locator("#errors tbody tr").first.wait_for(timeout=30_000)
+            assert "notes.mp4" in page.locator("#errors tbody").inner_text()
+            # an MPEG-4 Part 2 AVI: no browser plays it, the page plays a preview of the moment made on the server
+            page.click("#filters summary")
+            page.fill("#f-video", _ids(server.base)["old.avi"]["uri"])
+            page.fill("#q", CAPTION)
+            page.keyboard.press("Enter")
+            page.wait_for_function("() => document.getElementById('status').textContent.includes('moments for')",
+                                   timeout=60_000)
+            page.locator("#results .card").first.click()
+            page.wait_for_function("() => { const v = document.getElementById('video'); "
+                                   "return v.src.includes('preview.mp4') && v.readyState >= 2 && !v.paused "
+                                   "&& v.currentTime > 0.2; }", timeout=120_000)
+            assert "preview" in page.locator("#player-note").inner_text()
             phone = browser.new_page(viewport={"width": 390, "height": 800})  # a phone-width window
             phone.goto(server.base + "/")
             assert phone.evaluate("() => document.documentElement.scrollWidth") <= 390
