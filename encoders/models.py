@@ -234,7 +234,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
         return "bfloat16"
     if platform.machine().lower() in ("x86_64", "amd64"):
         return "int8"
-    return "bfloat16" if _cpu_has_bf16() else "float32"
+    return "bfloat16" if cpu_has_bf16() else "float32"
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -274,7 +274,7 @@ def _checked_int8(encoder: ImageTextEncoder) -> ImageTextEncoder:
 
 
 @functools.cache
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()

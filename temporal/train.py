@@ -215,16 +215,20 @@ class ModelTask:
     checkpoint is a complete model directory: the model's ``save_pretrained`` files plus the head, usable as
     ``model.pretrained`` and ``temporal.checkpoint`` at once (the caller loads ``encoder`` from it to resume).
     Augmentation: ``train.max_shift`` (:func:`shift_clips`); ``train.mean_loss`` adds the loss on mean-pooled
-    frames."""
+    frames. ``bf16``: the model and head run under bf16 autocast (weights, optimizer and the loss stay fp32), with
+    eager attention while training: torch's CPU flash attention backward in bf16 took 3.5x its fp32 time, eager
+    attention's bf16 matmuls are what make the step ~2x faster (README "The demo model")."""
 
     schedule = True
 
     def __init__(self, encoder: ImageEncoder, data: ClipPixels, texts: list[str], shape: HeadShape,
-                 settings: TrainSpec, *, job: dict | None = None, head: AttentionPooling | None = None):
+                 settings: TrainSpec, *, job: dict | None = None, head: AttentionPooling | None = None,
+                 bf16: bool = False):
         self.encoder, self.data, self.texts, self.shape, self.settings = encoder, data, texts, shape, settings
         self.job = job_of(settings, job)
         self.head = shape.build() if head is None else head.train()  # head: a trained one to go on from
         self.clips = len(data.pixels)
+        self.bf16, self.attention = bf16, encoder.model.config._attn_implementation  # what inference runs
 
     def param_groups(self, settings: TrainSpec) -> list[dict]:
         named = list(self.encoder.model.named_parameters())
@@ -240,10 +244,11 @@ class ModelTask:
         if s.augment:
             pixels = augment_clips(pixels, s.augment, generator)
         x = enc.normalise(rearrange(pixels, "b t c h w -> (b t) c h w").float())
-        frames = rearrange(F.normalize(enc.embed_images(x), dim=-1), "(b t) d -> b t d", b=len(index))
-        video = self.head(frames, d.times_s[index], d.mask[index])
         bank_ids, groups = text_bank(d.groups[index], len(self.texts))
-        bank = F.normalize(enc.embed_texts([self.texts[i] for i in bank_ids.tolist()]), dim=-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            frames = rearrange(F.normalize(enc.embed_images(x).float(), dim=-1), "(b t) d -> b t d", b=len(index))
+            video = self.head(frames, d.times_s[index], d.mask[index]).float()
+            bank = F.normalize(enc.embed_texts([self.texts[i] for i in bank_ids.tolist()]).float(), dim=-1)
         scale = enc.model.logit_scale.exp().clamp(max=100.0)
         loss = contrastive_loss(video, bank, scale, groups, kind=s.loss)
         if not s.mean_loss:
@@ -254,6 +259,8 @@ class ModelTask:
 
     def train(self, mode: bool = True) -> ModelTask:
         self.encoder.model.train(mode)
+        if self.bf16:
+            self.encoder.model.set_attn_implementation("eager" if mode else self.attention)
         self.head.train(mode)
         return self
 
