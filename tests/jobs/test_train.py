@@ -14,6 +14,7 @@ import torch
 
 from encoders._tiny import save_tiny
 from encoders.video_text import decode_short_side
+from jobs.train import training_precision
 from pipeline.config import parse_spec
 from pipeline.stages import run_sequential
 from pipeline.synth import sample_clips, write_clips
@@ -119,6 +120,32 @@ def test_search_finds_a_motion_by_its_caption(motion_set):
     assert missing.returncode == 2 and "not a reeltag output directory" in missing.stderr
 
 
+def test_clips_decoded_in_threads_come_back_in_order_and_a_bad_one_is_skipped(tmp_path):
+    """The training cache decodes clips in a thread per core: its pixels are each clip's own frames in manifest
+    order (as decoding them one by one gives), and a file that does not decode is logged and masked, not fatal."""
+    from jobs.train import _decode_clips
+    from pipeline.decode import decode_span
+    from pipeline.manifest import read_manifest
+
+    labels = write_clips(tmp_path / "clips", sample_clips(9, seed=3, **SMALL))
+    (tmp_path / "clips" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(300))
+    lines = labels.read_text().splitlines()
+    lines.insert(4, json.dumps({"uri": str(tmp_path / "clips" / "broken.mp4"), "caption": "nothing"}))
+    labels.write_text("\n".join(lines) + "\n")
+    clips = read_manifest(labels)
+    spec = parse_spec(f"input: {{paths: ['{tmp_path}/clips']}}\noutput: {{dir: '{tmp_path}/out'}}\n")
+    records = []
+    cached = _decode_clips(spec, clips, "pixels", 48, lambda x: x, records.append)
+    assert cached["ok"].tolist() == [1, 1, 1, 1, 0, 1, 1, 1, 1, 1]
+    (skipped,) = records
+    assert skipped["skipped"].endswith("broken.mp4") and skipped["message"], skipped
+    for i, clip in enumerate(clips):
+        if i != 4:
+            pixels, times = decode_span(clip.uri, clip.start_s, clip.end_s, spec.sampling.frames, 48)
+            assert torch.equal(cached["pixels"][i], torch.from_numpy(pixels)), i
+            assert torch.allclose(cached["times"][i], torch.as_tensor(times, dtype=torch.float32)), i
+
+
 @pytest.mark.slow
 def test_reeltag_train_a_whole_model_from_scratch(tmp_path):
     """`train.backbone: scratch`: from an architecture directory (config, tokenizer, preprocessing; no weights),
@@ -139,6 +166,7 @@ def test_reeltag_train_a_whole_model_from_scratch(tmp_path):
     assert trained.returncode == 0, trained.stderr
     summary = json.loads((tmp_path / "out" / "train.json").read_text())
     assert summary["backbone"] == "scratch" and summary["eval"]["top1"] >= 0.9, summary
+    assert summary["precision"] == training_precision("auto")  # bf16 autocast where this CPU has native bf16
     model = tmp_path / "out" / "model"
     assert f"model.pretrained={model}" in trained.stdout and f"temporal.checkpoint={model}" in trained.stdout
     vocab = tmp_path / "colours.txt"

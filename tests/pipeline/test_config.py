@@ -357,10 +357,10 @@ def test_locations_travel_with_the_spec(files):
 def test_a_training_key_the_mode_does_not_use_is_an_error(files, tmp_path):
     """max_shift and mean_loss act only when the whole model trains; with a frozen backbone they were silently
     ignored. Whole-model training on tiles was refused only once training had started."""
-    for key in ("max_shift: 0.1", "mean_loss: 0.5"):
+    for key in ("max_shift: 0.1", "mean_loss: 0.5", "precision: bfloat16"):
         with pytest.raises(ConfigError, match=rf"train\.{key.split(':')[0]}: is used only when the whole model"):
             parse_spec(_yaml(files, f"train: {{{key}}}\n"))
-    assert parse_spec(_yaml(files, "train: {backbone: scratch, max_shift: 0.1, mean_loss: 0.5}\n"))
+    assert parse_spec(_yaml(files, "train: {backbone: scratch, max_shift: 0.1, mean_loss: 0.5, precision: float32}\n"))
     manifest = tmp_path / "clips.jsonl"
     manifest.write_text('{"uri": "a.mp4", "caption": "x"}\n')
     tiles = parse_spec(_yaml(files, f"train: {{backbone: finetune, manifest: '{manifest}'}}\n"
