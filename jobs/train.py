@@ -56,7 +56,8 @@ def _decode_clips(spec: PipelineSpec, clips: list[LabelledClip], kind: str, shor
                   transform: Callable[[torch.Tensor], torch.Tensor], log: Log) -> dict[str, torch.Tensor]:
     """``transform(uint8 [T,H,W,3]) -> [T,...]`` of each clip's sampled frames, stacked ``[N,T,...]`` (zeros for a
     clip that does not decode), the frames' times ``[N,T]`` and which clips decoded (``ok``). Clips decode in a
-    thread per core (both decoders release the GIL: 1.8x on 2 cores), ``transform`` runs here, in clip order."""
+    thread per core, ``transform`` runs here, in clip order. PyAV (what ``auto`` reads a few frames a clip with)
+    decodes outside the GIL: 2.1x on 2 cores; Decord holds it (1.1x)."""
     t, values, times, ok = spec.sampling.frames, [], [], []
     started = time.monotonic()
 
