@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -60,3 +61,21 @@ def test_the_varied_split_varies_what_the_issue_names_and_keeps_every_label():
         assert frames.shape[1:] == (clip.height, clip.width, 3)
     # the other splits draw exactly the clips they drew before the varied split existed
     assert sample_clips(3, seed=4, **SPLITS["actions"])[0].background == 128.0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to compare against 1")
+def test_written_clips_are_the_same_bytes_whatever_cores_the_machine_has(tmp_path):
+    """PyAV's libx264 defaults to slice threads, one slice per core the encoding thread may run on (x264 reads the
+    affinity): a 640x360 clip came out as other bytes on 1 CPU than on 2 until synth asked for one thread."""
+    from pipeline.synth import write_video
+
+    frames = render(Clip("red", "circle", "moving left", width=640, height=360, fps=10.0, duration_s=1.0))
+    cpus = os.sched_getaffinity(0)
+    written = []
+    try:
+        for allowed in ({min(cpus)}, cpus):
+            os.sched_setaffinity(0, allowed)
+            written.append(write_video(tmp_path / f"{len(allowed)}.mp4", frames, fps=10).read_bytes())
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert written[0] == written[1]
