@@ -176,10 +176,10 @@ def write_video(path: str | Path, frames: np.ndarray, *, fps: float = 25.0, code
     with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        opts = {k: str(v) for k, v in (options or ({"crf": "18", "preset": "veryfast"} if codec == "libx264"
-                                                   else {})).items()}
-        if codec == "libx264":  # one thread unless asked: PyAV's default slice threads cut each frame into a
-            opts.setdefault("threads", "1")  # slice per core, so the bytes would depend on the machine's cores
+        x264 = codec == "libx264"
+        opts = {k: str(v) for k, v in (options or ({"crf": 18, "preset": "veryfast"} if x264 else {})).items()}
+        if x264:  # one thread unless asked: PyAV's default slice threads cut each frame into a slice per core,
+            opts.setdefault("threads", "1")  # so the bytes would depend on the machine
         stream.options = opts
         if times_s is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
