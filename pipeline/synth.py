@@ -25,7 +25,7 @@ SPLITS = {
     # the `actions` clips with real variety: any background brightness and tint, textures, shades of each colour,
     # soft or hard edges, camera noise, frame sizes 64-640 px at aspect ratios 9:16 to 21:9 (what trains the demo);
     # at 10-15 fps: training samples 3 frames a clip, and encoding 25 fps was most of the time making them
-    "varied": dict(size=(0.08, 0.45), fps=(10.0, 15.0), varied=True),
+    "varied": dict(size=(0.08, 0.45), fps=(6.0, 10.0), varied=True),
 }
 TEXTURES = ("flat", "noise", "gradient", "stripes", "blobs")
 # what each colour name covers, for the varied split's shades: hue range in degrees, least saturation and value
@@ -57,6 +57,15 @@ class Clip:
     shade: tuple[float, float, float] = (0.0, 0.0, 0.0)  # added to the named colour per channel (a shade of it)
     antialias: bool = False  # soft shape edges (coverage at 4x4 subpixels) instead of hard ones
     camera_noise: float = 0.0  # per-frame sensor noise, 0..255 (changes every frame, unlike `noise`)
+    # camera motion: the background slides by this much over the clip (x, y), as fractions of the short side; the
+    # caption is the shape's motion in the frame, whatever the camera does
+    pan: tuple[float, float] = (0.0, 0.0)
+    # a moving distractor behind the shape: a colourless shape (`none`, circle, square, triangle) of brightness
+    # `distractor_level`, size as `size`, drifting from (x0, y0) to (x1, y1) (fractions of the frame)
+    distractor: str = "none"
+    distractor_level: float = 128.0
+    distractor_size: float = 0.2
+    distractor_path: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.5)
 
     @property
     def caption(self) -> str:
@@ -72,9 +81,8 @@ def _inside(shape: str, y: np.ndarray, x: np.ndarray, cx: float, cy: float, r: f
     return (y <= cy + r) & (y >= cy - r) & (abs(x - cx) <= (y - (cy - r)) / 2)  # triangle, apex up
 
 
-def _background(clip: Clip, rng: np.random.Generator) -> np.ndarray:
-    """``[H, W, 3]`` float32: brightness + tint + a texture (noise, a gradient, stripes or smooth blobs)."""
-    h, w = clip.height, clip.width
+def _background(clip: Clip, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """``[h, w, 3]`` float32: brightness + tint + a texture (noise, a gradient, stripes or smooth blobs)."""
     base = np.full((h, w, 3), clip.background, np.float32) + np.asarray(clip.tint, np.float32)
     if clip.texture == "flat" or not clip.texture_amp:
         return base
@@ -103,7 +111,7 @@ def _background(clip: Clip, rng: np.random.Generator) -> np.ndarray:
     return base + clip.texture_amp * pattern.astype(np.float32)
 
 
-def _paint(frame: np.ndarray, clip: Clip, colour: np.ndarray, cx: float, cy: float, r: float) -> None:
+def _paint(frame: np.ndarray, shape: str, antialias: bool, colour: np.ndarray, cx: float, cy: float, r: float) -> None:
     """Draw the shape into ``frame`` in place, computing only its bounding box (hard edges: exactly the pixels
     inside; ``antialias``: blended by coverage at 4x4 subpixels)."""
     h, w = frame.shape[:2]
@@ -113,11 +121,11 @@ def _paint(frame: np.ndarray, clip: Clip, colour: np.ndarray, cx: float, cy: flo
         return
     y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)  # absolute coordinates: the same arithmetic as a whole frame
     window = frame[y0:y1, x0:x1]
-    if not clip.antialias:
-        window[_inside(clip.shape, y, x, cx, cy, r)] = colour
+    if not antialias:
+        window[_inside(shape, y, x, cx, cy, r)] = colour
         return
     offsets = (np.arange(4) + 0.5) / 4 - 0.5
-    cover = np.mean([_inside(clip.shape, y, x, cx - dx, cy - dy, r) for dy in offsets for dx in offsets], axis=0,
+    cover = np.mean([_inside(shape, y, x, cx - dx, cy - dy, r) for dy in offsets for dx in offsets], axis=0,
                     dtype=np.float32)[..., None]
     window[:] = (window * (1 - cover) + colour * cover).clip(0, 255)
 
@@ -127,11 +135,14 @@ def render(clip: Clip) -> np.ndarray:
     rng = np.random.default_rng(clip.seed)
     n = max(2, round(clip.duration_s * clip.fps))
     h, w = clip.height, clip.width
-    base = _background(clip, rng) if clip.texture != "flat" or clip.tint != (0.0, 0.0, 0.0) or (
-        clip.background != 128.0) else np.full((h, w, 3), 128, np.float32)
+    # panning: a background larger by the camera's travel, of which each frame sees a window
+    travel = np.asarray(clip.pan, np.float32) * min(h, w)
+    bh, bw = h + int(np.ceil(abs(travel[1]))), w + int(np.ceil(abs(travel[0])))
+    base = _background(clip, rng, bh, bw) if clip.texture != "flat" or clip.tint != (0.0, 0.0, 0.0) or (
+        clip.background != 128.0) else np.full((bh, bw, 3), 128, np.float32)
     if clip.noise:
-        base = base + rng.normal(0, clip.noise, (h, w, 3))
-    base = base.clip(0, 255).astype(np.uint8)  # frames are painted in uint8: only the shape's box is touched
+        base = base + rng.normal(0, clip.noise, (bh, bw, 3))
+    base = base.clip(0, 255).astype(np.uint8)  # frames are painted in uint8: only the shapes' boxes are touched
     # camera noise: four frames of it, cycled (drawing a frame of normals each frame was most of the render time)
     grain = clip.camera_noise * rng.standard_normal((4, h, w, 3), dtype=np.float32) if clip.camera_noise else None
     colour = np.clip(np.asarray(COLOURS[clip.colour], np.float32) + np.asarray(clip.shade, np.float32), 0, 255)
@@ -155,8 +166,15 @@ def render(clip: Clip) -> np.ndarray:
                 r = r0 * (1.2 - clip.travel + clip.travel * 1.25 * p)
             case "shrinking":
                 r = r0 * (1.2 + clip.travel * 0.25 - clip.travel * 1.25 * p)
-        frame = base.copy()
-        _paint(frame, clip, colour, cx, cy, r)
+        # the camera's window at progress p (moving right/down for positive travel: the background moves left/up)
+        x0 = round(p * travel[0]) if travel[0] >= 0 else round((1 - p) * -travel[0])
+        y0 = round(p * travel[1]) if travel[1] >= 0 else round((1 - p) * -travel[1])
+        frame = base[y0:y0 + h, x0:x0 + w].copy()
+        if clip.distractor != "none":
+            dx0, dy0, dx1, dy1 = clip.distractor_path
+            _paint(frame, clip.distractor, clip.antialias, np.full(3, clip.distractor_level, np.float32),
+                   w * (dx0 + (dx1 - dx0) * p), h * (dy0 + (dy1 - dy0) * p), clip.distractor_size * min(h, w) / 2)
+        _paint(frame, clip.shape, clip.antialias, colour, cx, cy, r)
         if grain is not None:
             frame = (frame + grain[i % 4]).clip(0, 255).astype(np.uint8)
         frames.append(frame)
@@ -232,7 +250,8 @@ def _shade(colour: str, rng: np.random.Generator) -> tuple[float, float, float]:
 def vary(clip: Clip) -> Clip:
     """``clip`` with real variety drawn from its own seed: background brightness 30-220 and a tint, a texture
     (noise, gradient, stripes, blobs; textures, never shapes) at a scale, a shade of its colour, soft or hard
-    edges, camera noise, and a frame of 64-640 px a side at an aspect ratio from 9:16 to 21:9."""
+    edges, camera noise, a frame of 64-640 px a side at an aspect ratio from 9:16 to 21:9, and (:func:`_scene`) a
+    panning camera or a colourless distractor."""
     rng = np.random.default_rng([clip.seed, 1])  # its own stream: the factors drawn before stay as they were
     aspect = float(np.exp(rng.uniform(np.log(9 / 16), np.log(21 / 9))))
     short = float(np.exp(rng.uniform(np.log(64), np.log(360))))  # log-uniform: most frames small, some large
@@ -244,7 +263,23 @@ def vary(clip: Clip) -> Clip:
                                                                                            np.log(0.6)))),
                    texture_amp=float(rng.uniform(5, 35)), shade=_shade(clip.colour, rng),
                    antialias=bool(rng.integers(2)), camera_noise=float(rng.uniform(0, 6) if rng.integers(2) else 0),
-                   noise=0.0)
+                   noise=0.0, **_scene(clip))
+
+
+def _scene(clip: Clip) -> dict:
+    """What long videos show around an action, drawn from the clip's own seed: a size log-uniform over the same
+    range (more small shapes), a panning camera in a third of clips and a colourless moving distractor in a third."""
+    rng = np.random.default_rng([clip.seed, 2])
+    low, high = SPLITS["varied"]["size"]
+    drawn = dict(size=float(np.exp(rng.uniform(np.log(low), np.log(high)))))
+    angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(0.03, 0.12) * clip.duration_s  # short sides a second
+    if rng.random() < 1 / 3:
+        drawn["pan"] = (float(speed * np.cos(angle)), float(speed * np.sin(angle)))
+    if rng.random() < 1 / 3:
+        drawn.update(distractor=str(rng.choice(SHAPES)), distractor_level=float(rng.uniform(20, 235)),
+                     distractor_size=float(rng.uniform(0.08, 0.3)),
+                     distractor_path=tuple(float(v) for v in rng.uniform(0.15, 0.85, 4)))
+    return drawn
 
 
 def _write_clip(path: Path, clip: Clip) -> str:
