@@ -63,6 +63,47 @@ def test_the_varied_split_varies_what_the_issue_names_and_keeps_every_label():
     assert sample_clips(3, seed=4, **SPLITS["actions"])[0].background == 128.0
 
 
+def test_a_panning_camera_moves_the_background_and_not_the_shape():
+    kwargs = dict(colour="red", shape="square", motion="moving right", width=96, height=64, fps=10.0, size=0.2,
+                  texture="noise", texture_amp=30.0, texture_scale=0.3, seed=5)
+    still, panned = render(Clip(**kwargs)), render(Clip(**kwargs, pan=(0.5, -0.25)))  # 32 px left, 16 px down
+    red = np.all(panned == still, axis=-1) & (still[..., 0] > 180) & (still[..., 1] < 60)
+    assert red[0].sum() == red[-1].sum() > 100  # the whole square, where it was without the camera moving
+    first, last = panned[0].astype(int), panned[-1].astype(int)
+    away = np.ones((64, 96), bool)  # pixels away from the square in both frames
+    for frame in (0, -1):
+        ys, xs = np.nonzero(red[frame])
+        away[ys.min() - 2:ys.max() + 3, xs.min() - 34:xs.max() + 3] = False
+    assert np.array_equal(last[16:, :64][away[16:, :64]], first[:48, 32:][away[16:, :64]])
+    assert not np.array_equal(first[16:, :64], last[:48, 32:])  # not the same texture throughout
+
+
+def test_a_distractor_is_colourless_moves_and_stays_behind_the_shape():
+    clip = Clip("blue", "circle", "moving left", width=96, height=64, fps=10.0, size=0.4, distractor="square",
+                distractor_level=200.0, distractor_size=0.5, distractor_path=(0.5, 0.5, 0.2, 0.5))
+    frames, plain = render(clip), render(Clip("blue", "circle", "moving left", width=96, height=64, fps=10.0,
+                                              size=0.4))
+    blue = np.all(plain == np.array([40, 60, 230]), axis=-1)
+    assert np.array_equal(frames[blue], plain[blue])  # the shape in front, everywhere it is
+    grey = np.all(frames == 200, axis=-1)
+    assert grey[0].sum() > 100 and grey[-1].sum() > 100
+    assert np.nonzero(grey[-1])[1].mean() < np.nonzero(grey[0])[1].mean() - 15  # it drifts left
+
+
+def test_the_varied_split_pans_distracts_and_draws_more_small_shapes():
+    from pipeline.synth import SHAPES, SPLITS
+
+    clips = sample_clips(600, seed=7, **SPLITS["varied"])
+    panning = [c for c in clips if c.pan != (0.0, 0.0)]
+    distracted = [c for c in clips if c.distractor != "none"]
+    assert 150 < len(panning) < 250 and 150 < len(distracted) < 250
+    assert {c.distractor for c in distracted} == set(SHAPES)
+    speeds = [np.hypot(*c.pan) / c.duration_s for c in panning]  # short sides a second
+    assert 0.03 <= min(speeds) < 0.05 and 0.1 < max(speeds) <= 0.12
+    sizes = np.array([c.size for c in clips])
+    assert 0.08 <= sizes.min() and sizes.max() <= 0.45 and 0.2 < np.mean(sizes < 0.125) < 0.35  # uniform: 0.1
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to compare against 1")
 def test_written_clips_are_the_same_bytes_whatever_cores_the_machine_has(tmp_path):
     """PyAV's libx264 defaults to slice threads, one slice per core the encoding thread may run on (x264 reads the
