@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0, help="the data set is a function of the seed")
     synth.add_argument("--split", choices=sorted(SPLITS), default="actions",
                        help="actions: sizes 8-45%% of the short side; small: 2-4%%, larger frames (for the tower); "
-                            "tiny: 3.5-8%% (training only); varied: actions on any background, shade, edge and "
-                            "frame size (what trains the demo model)")
+                            "tiny: 3.5-8%% (training only); varied: actions on any background, shade, edge, frame "
+                            "size, panning camera and distractor (what trains the demo model)")
     demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
     demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
     return parser

@@ -24,7 +24,8 @@ SPLITS = {
     "tiny": dict(size=(0.035, 0.08), frame_sizes=((96, 64), (80, 80), (64, 96), (128, 96), (96, 128))),
     # the `actions` clips with real variety: any background brightness and tint, textures, shades of each colour,
     # soft or hard edges, camera noise, frame sizes 64-640 px at aspect ratios 9:16 to 21:9 (what trains the demo);
-    # at 10-15 fps: training samples 3 frames a clip, and encoding 25 fps was most of the time making them
+    # a panning camera or a colourless moving distractor in a third of clips each (long videos have both); at 6-10
+    # fps: training samples 3 frames a clip, and writing more was most of the time making them
     "varied": dict(size=(0.08, 0.45), fps=(6.0, 10.0), varied=True),
 }
 TEXTURES = ("flat", "noise", "gradient", "stripes", "blobs")
