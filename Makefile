@@ -29,7 +29,8 @@ demo-model: $(VENV)/.installed
 	$(BIN)/reeltag synth runs/synthactions/varied --clips 16000 --seed 6 --split varied
 	$(BIN)/reeltag synth runs/synthactions/plain --clips 6000 --seed 4
 	$(BIN)/reeltag synth runs/synthactions/tiny --clips 2000 --seed 3 --split tiny
-	cat runs/synthactions/varied/labels.jsonl runs/synthactions/plain/labels.jsonl runs/synthactions/tiny/labels.jsonl > runs/synthactions/train_all.jsonl
+	$(BIN)/reeltag synth runs/synthactions/empty --clips 2000 --seed 7 --split empty
+	cat runs/synthactions/varied/labels.jsonl runs/synthactions/plain/labels.jsonl runs/synthactions/tiny/labels.jsonl runs/synthactions/empty/labels.jsonl > runs/synthactions/train_all.jsonl
 	$(BIN)/reeltag synth runs/synthactions/val --clips 600 --seed 2
 	$(BIN)/reeltag train configs/train_synthactions.yaml
 	cp runs/synthactions/out/model/* models/synthactions/

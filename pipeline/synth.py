@@ -27,7 +27,11 @@ SPLITS = {
     # a panning camera or a colourless moving distractor in a third of clips each (long videos have both); at 6-10
     # fps: training samples 3 frames a clip, and writing more was most of the time making them
     "varied": dict(size=(0.08, 0.45), fps=(6.0, 10.0), varied=True),
+    # training only: the varied split's scenes with no shape in them (a third panning, a third with a distractor),
+    # captioned EMPTY: what a long video shows between actions, which no action caption should match
+    "empty": dict(size=(0.08, 0.45), fps=(6.0, 10.0), varied=True, shapes=("none",)),
 }
+EMPTY = "an empty background"  # the `empty` split's caption (training only; no tag vocabulary has it)
 TEXTURES = ("flat", "noise", "gradient", "stripes", "blobs")
 # what each colour name covers, for the varied split's shades: hue range in degrees, least saturation and value
 HUES = {"red": (-20.0, 15.0, 0.6, 0.55), "green": (95.0, 155.0, 0.45, 0.45), "blue": (200.0, 245.0, 0.5, 0.5),
@@ -70,7 +74,7 @@ class Clip:
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape} {self.motion}"
+        return EMPTY if self.shape == "none" else f"a {self.colour} {self.shape} {self.motion}"
 
 
 def _inside(shape: str, y: np.ndarray, x: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
@@ -175,7 +179,8 @@ def render(clip: Clip) -> np.ndarray:
             dx0, dy0, dx1, dy1 = clip.distractor_path
             _paint(frame, clip.distractor, clip.antialias, np.full(3, clip.distractor_level, np.float32),
                    w * (dx0 + (dx1 - dx0) * p), h * (dy0 + (dy1 - dy0) * p), clip.distractor_size * min(h, w) / 2)
-        _paint(frame, clip.shape, clip.antialias, colour, cx, cy, r)
+        if clip.shape != "none":
+            _paint(frame, clip.shape, clip.antialias, colour, cx, cy, r)
         if grain is not None:
             frame = (frame + grain[i % 4]).clip(0, 255).astype(np.uint8)
         frames.append(frame)
@@ -217,14 +222,15 @@ Range = tuple[float, float]  # (low, high) of a drawn factor
 def sample_clips(n: int, *, seed: int, motions: tuple[str, ...] = MOTIONS,
                  frame_sizes: tuple[tuple[int, int], ...] = ((96, 64), (80, 80), (64, 96)), fps: Range = (24.0, 30.0),
                  duration_s: Range = (2.0, 4.0), size: Range = (0.2, 0.4), noise: Range = (0.0, 25.0),
-                 varied: bool = False) -> list[Clip]:
+                 varied: bool = False, shapes: tuple[str, ...] = SHAPES) -> list[Clip]:
     """``n`` clips, deterministic by ``seed``: motions cycle (balanced classes), every other factor is drawn;
-    ``varied``: backgrounds, shades, edges, camera noise and frame sizes drawn too (:func:`vary`)."""
+    ``varied``: backgrounds, shades, edges, camera noise and frame sizes drawn too (:func:`vary`); ``shapes``
+    ``("none",)``: no shape at all (the `empty` split)."""
     rng = np.random.default_rng(seed)
     clips = []
     for i in range(n):
         width, height = frame_sizes[rng.integers(len(frame_sizes))]
-        clips.append(Clip(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), motions[i % len(motions)],
+        clips.append(Clip(str(rng.choice(list(COLOURS))), str(rng.choice(shapes)), motions[i % len(motions)],
                           width=int(width), height=int(height), fps=float(rng.uniform(*fps)),
                           duration_s=float(rng.uniform(*duration_s)), noise=float(rng.uniform(*noise)),
                           size=float(rng.uniform(*size)), seed=int(rng.integers(2**31))))
