@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,6 +103,25 @@ def test_the_varied_split_pans_distracts_and_draws_more_small_shapes():
     assert 0.03 <= min(speeds) < 0.05 and 0.1 < max(speeds) <= 0.12
     sizes = np.array([c.size for c in clips])
     assert 0.08 <= sizes.min() and sizes.max() <= 0.45 and 0.2 < np.mean(sizes < 0.125) < 0.35  # uniform: 0.1
+
+
+def test_the_empty_split_is_the_varied_scenes_with_no_shape_in_them():
+    from pipeline.synth import EMPTY, SPLITS
+
+    clips = sample_clips(60, seed=8, **SPLITS["empty"])
+    assert {c.caption for c in clips} == {EMPTY} and {c.shape for c in clips} == {"none"}
+    assert any(c.pan != (0.0, 0.0) for c in clips) and any(c.distractor != "none" for c in clips)
+    for clip in clips[:12]:
+        frames = render(clip).astype(int)
+        colour = np.abs(frames - frames.mean(-1, keepdims=True)).max()
+        # nothing but the tinted background, its texture and noise, and a colourless distractor
+        assert colour < 120, (clip, colour)
+    # the same scene with a shape: only the shape's pixels differ
+    empty, shaped = render(clips[0]), render(replace(clips[0], shape="square", size=0.4))
+    differ = np.any(empty != shaped, axis=-1).mean(axis=(1, 2))
+    assert np.all(differ > 0.5 * 0.4 ** 2 * min(clips[0].width, clips[0].height) / max(clips[0].width,
+                                                                                        clips[0].height))
+    assert np.all(differ < 0.4 ** 2 * 1.3)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to compare against 1")
