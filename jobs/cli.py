@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--split", choices=sorted(SPLITS), default="actions",
                        help="actions: sizes 8-45%% of the short side; small: 2-4%%, larger frames (for the tower); "
                             "tiny: 3.5-8%% (training only); varied: actions on any background, shade, edge, frame "
-                            "size, panning camera and distractor (what trains the demo model)")
+                            "size, panning camera and distractor (what trains the demo model); empty: its scenes "
+                            "with no shape, captioned 'an empty background' (training only)")
     demo = sub.add_parser("demo", help="generate a small archive and tag it offline with the demo model")
     demo.add_argument("--dir", default="reeltag-demo", help="where the demo writes videos, model and outputs")
     return parser
