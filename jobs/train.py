@@ -48,8 +48,17 @@ def _cache_key(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_s
     parts = [[(c.uri, c.start_s, c.end_s) for c in clips], sorted(files.items()), spec.sampling.frames, short_side,
              spec.decode.backend, kind, detail]
     if kind != "pixels":  # embeddings depend on the model (detail: the dtype it runs in); pixels only on its
-        parts += [spec.model_id(), str(spec.tower)]  # preprocessing (short_side, detail)
+        parts += [spec.model_id(), str(spec.tower), _weights_stamp(spec.model.pretrained)]  # preprocessing
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _weights_stamp(pretrained: str) -> list | None:
+    """Size and time of each file of a local checkpoint: a model retrained in place (`make demo-model` copies the
+    new one over the old) must not meet the embeddings of the one before. None for a hub id."""
+    directory = Path(pretrained)
+    if not directory.is_dir():
+        return None
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in directory.iterdir() if f.is_file())
 
 
 def _decode_clips(spec: PipelineSpec, clips: list[LabelledClip], kind: str, short_side: int,

@@ -120,6 +120,22 @@ def test_search_finds_a_motion_by_its_caption(motion_set):
     assert missing.returncode == 2 and "not a reeltag output directory" in missing.stderr
 
 
+def test_cached_embeddings_are_not_reused_when_the_model_is_retrained_in_place(tmp_path):
+    """`make demo-model` copies the retrained model over the old one, then trains the tiled head on it: the frozen
+    model's embeddings were cached under its path alone, and the head was trained on the old model's."""
+    from jobs.train import _cache_key
+    from pipeline.manifest import read_manifest
+
+    clips = read_manifest(write_clips(tmp_path / "clips", sample_clips(2, seed=3, **SMALL)))
+    model = save_tiny(tmp_path / "model", seed=0)
+    spec = parse_spec(f"input: {{paths: ['{tmp_path}/clips']}}\nmodel: {{pretrained: '{model}'}}\n"
+                      f"output: {{dir: '{tmp_path}/out'}}\n")
+    before = [_cache_key(spec, clips, kind, 64, "") for kind in ("pixels", "views")]
+    save_tiny(tmp_path / "model", seed=1)  # the same path, other weights
+    after = [_cache_key(spec, clips, kind, 64, "") for kind in ("pixels", "views")]
+    assert after[0] == before[0] and after[1] != before[1]
+
+
 def test_clips_decoded_in_threads_come_back_in_order_and_a_bad_one_is_skipped(tmp_path):
     """The training cache decodes clips in a thread per core: its pixels are each clip's own frames in manifest
     order (as decoding them one by one gives), and a file that does not decode is logged and masked, not fatal."""
