@@ -558,7 +558,7 @@ def like(index: Index, ref: str) -> np.ndarray:
     return index.embedding(rows[:1])[0]
 
 
-MERGE = 0.5  # a window joins a moment when its score is above best - MERGE * (best - the video's median score)
+MERGE = 0.4  # a window joins a moment when its score is above best - MERGE * (best - the video's median score)
 
 
 def search_index(index: Index, query: np.ndarray, *, top_k: int = 10, filters: Filters = NO_FILTERS,
