@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# Retrains the committed demo model (2 cores: 36.7 min with native bf16, ~53 AVX2-only; README): stage 2 from the
-# base (models/synthactions/base) on varied, plain and tiny clips, then its tiled head; see README "The demo model".
+# Retrains the committed demo model (2 cores, AVX2-only, fp32: ~52.5 min; README): stage 2 from the base
+# (models/synthactions/base) on varied, plain, tiny and empty clips, then its tiled head; see README "The demo model".
 demo-model: $(VENV)/.installed
 	$(BIN)/reeltag synth runs/synthactions/varied --clips 16000 --seed 6 --split varied
 	$(BIN)/reeltag synth runs/synthactions/plain --clips 6000 --seed 4
