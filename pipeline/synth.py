@@ -65,8 +65,9 @@ class Clip:
     # camera motion: the background slides by this much over the clip (x, y), as fractions of the short side; the
     # caption is the shape's motion in the frame, whatever the camera does
     pan: tuple[float, float] = (0.0, 0.0)
-    # a moving distractor behind the shape: a colourless shape (`none`, circle, square, triangle) of brightness
-    # `distractor_level`, size as `size`, drifting from (x0, y0) to (x1, y1) (fractions of the frame)
+    # a moving distractor behind the shape: a colourless circle, square or triangle (`none`: no distractor) of
+    # brightness `distractor_level` and diameter `distractor_size` (of the short side), drifting from (x0, y0) to
+    # (x1, y1) (fractions of the frame); `shape: none` draws no named shape (the `empty` split)
     distractor: str = "none"
     distractor_level: float = 128.0
     distractor_size: float = 0.2
