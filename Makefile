@@ -23,21 +23,24 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# Retrains the committed demo model (2 cores, AVX2-only, fp32: ~52.5 min; README): stage 2 from the base
-# (models/synthactions/base) on varied, plain, tiny and empty clips, then its tiled head; see README "The demo model".
+# Retrains the committed demo model (README, "The demo model"): its base (models/synthactions/base, 8 px patches at
+# 64 px) resized to 12 px patches at 96 px, stage 2 from there on varied, plain, tiny and empty clips, then its tiled
+# head. Scratch goes to runs/ (a rerun after changing the data: delete runs/synthactions first).
 demo-model: $(VENV)/.installed
-	$(BIN)/reeltag synth runs/synthactions/varied --clips 16000 --seed 6 --split varied
-	$(BIN)/reeltag synth runs/synthactions/plain --clips 6000 --seed 4
+	$(BIN)/reeltag synth runs/synthactions/varied --clips 15000 --seed 6 --split varied
+	$(BIN)/reeltag synth runs/synthactions/plain --clips 4000 --seed 4
 	$(BIN)/reeltag synth runs/synthactions/tiny --clips 2000 --seed 3 --split tiny
-	$(BIN)/reeltag synth runs/synthactions/empty --clips 2000 --seed 7 --split empty
+	$(BIN)/reeltag synth runs/synthactions/empty --clips 1500 --seed 7 --split empty
 	cat runs/synthactions/varied/labels.jsonl runs/synthactions/plain/labels.jsonl runs/synthactions/tiny/labels.jsonl runs/synthactions/empty/labels.jsonl > runs/synthactions/train_all.jsonl
 	$(BIN)/reeltag synth runs/synthactions/val --clips 600 --seed 2
+	rm -rf runs/synthactions/base96
+	$(BIN)/python -m encoders.patches models/synthactions/base runs/synthactions/base96 --patch-size 12
 	$(BIN)/reeltag train configs/train_synthactions.yaml
 	cp runs/synthactions/out/model/* models/synthactions/
 	$(BIN)/reeltag synth runs/synthactions/small --clips 3000 --seed 5 --split small
-	head -4000 runs/synthactions/varied/labels.jsonl > runs/synthactions/tiles_all.jsonl
-	head -2000 runs/synthactions/plain/labels.jsonl >> runs/synthactions/tiles_all.jsonl
-	head -2000 runs/synthactions/tiny/labels.jsonl >> runs/synthactions/tiles_all.jsonl
+	head -2000 runs/synthactions/varied/labels.jsonl > runs/synthactions/tiles_all.jsonl
+	head -500 runs/synthactions/plain/labels.jsonl >> runs/synthactions/tiles_all.jsonl
+	head -500 runs/synthactions/tiny/labels.jsonl >> runs/synthactions/tiles_all.jsonl
 	cat runs/synthactions/small/labels.jsonl >> runs/synthactions/tiles_all.jsonl
 	$(BIN)/reeltag train configs/train_synthactions_tiles.yaml
 	mkdir -p models/synthactions/tiles && cp runs/synthactions/tiles/head/* models/synthactions/tiles/

@@ -1,0 +1,100 @@
+"""A ViT checkpoint at a larger input side with the same token grid: the patch embedding resized by FlexiViT's
+pseudo-inverse resize (Beyer et al., 2023), so the model sees finer detail for about the same compute.
+
+``w' = pinv(B^T) w``, where ``B`` bilinearly resizes a patch from the old side to the new: on a bilinearly upsampled
+image the new patch embedding gives the old one's tokens (the position embeddings and the grid are unchanged), and
+fine-tuning from there teaches it the detail the larger input has. The demo model's stage 2 goes on from its base
+resized from 8 px patches at 64 px to 12 px patches at 96 (``make demo-model``; README, "The demo model").
+
+    python -m encoders.patches SRC DST --patch-size 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"  # CLIP, MetaCLIP 2, SigLIP: [D, 3, p, p]
+
+
+class PatchResizeError(ValueError):
+    """The checkpoint is not a ViT this can resize, or the destination is not free."""
+
+
+def resize_matrix(old: int, new: int) -> torch.Tensor:
+    """``[new*new, old*old]``: a flattened ``old`` x ``old`` patch -> the same patch bilinearly resized to ``new``."""
+    basis = torch.eye(old * old, dtype=torch.float64).view(-1, 1, old, old)
+    return F.interpolate(basis, size=(new, new), mode="bilinear", align_corners=False).view(old * old, -1).T
+
+
+def resize_patch_weight(weight: torch.Tensor, new: int) -> torch.Tensor:
+    """``[D, C, p, p]`` -> ``[D, C, new, new]`` by the pseudo-inverse resize."""
+    d, c, old, _ = weight.shape
+    pinv = torch.linalg.pinv(resize_matrix(old, new).T)  # [new*new, old*old]
+    flat = weight.double().reshape(d * c, old * old)
+    return (flat @ pinv.T).reshape(d, c, new, new).to(weight.dtype).contiguous()
+
+
+def resize_patches(src: str | Path, dst: str | Path, patch_size: int) -> dict:
+    """Write ``src`` (a ``save_pretrained`` directory with ``model.safetensors``) to ``dst`` with patches of
+    ``patch_size`` and the input side grown to keep the token grid: config, preprocessor sizes and weights; every
+    other file (tokenizer, a temporal head) copied as it is. Returns the new vision config."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise PatchResizeError(f"{dst} is not empty: give a new directory")
+    config = json.loads((src / "config.json").read_text())
+    vision = config.get("vision_config", {})
+    if not {"patch_size", "image_size"} <= vision.keys() or not (src / WEIGHTS).exists():
+        raise PatchResizeError(f"{src}: not a ViT checkpoint with vision_config.patch_size, image_size and {WEIGHTS}")
+    old, side = vision["patch_size"], vision["image_size"]
+    if side % old:
+        raise PatchResizeError(f"{src}: image_size {side} is not a multiple of patch_size {old}")
+    new_side = side // old * patch_size
+    weights = load_file(src / WEIGHTS)
+    if PATCH_KEY not in weights:
+        raise PatchResizeError(f"{src}: no {PATCH_KEY} in {WEIGHTS}")
+    weights[PATCH_KEY] = resize_patch_weight(weights[PATCH_KEY], patch_size)
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=lambda d, names: [n for n in names if (Path(d) / n).is_dir()])
+    vision.update(patch_size=patch_size, image_size=new_side)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    processor = tmp / "preprocessor_config.json"
+    if processor.exists():
+        pre = json.loads(processor.read_text())
+        for key in ("size", "crop_size"):  # every side in them scales with the input ("shortest_edge" too)
+            if isinstance(pre.get(key), dict):
+                pre[key] = {k: v * new_side // side if isinstance(v, int) else v for k, v in pre[key].items()}
+            elif isinstance(pre.get(key), int):
+                pre[key] = pre[key] * new_side // side
+        processor.write_text(json.dumps(pre, indent=2) + "\n")
+    save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+    if dst.exists():
+        dst.rmdir()
+    tmp.rename(dst)
+    return vision
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="a save_pretrained directory (CLIP, MetaCLIP 2, SigLIP)")
+    p.add_argument("dst", help="a new directory")
+    p.add_argument("--patch-size", type=int, required=True)
+    args = p.parse_args(argv)
+    try:
+        vision = resize_patches(args.src, args.dst, args.patch_size)
+    except (PatchResizeError, OSError) as e:
+        raise SystemExit(f"encoders.patches: {e}")
+    print(f"{args.dst}: patches of {vision['patch_size']} px at {vision['image_size']} px")
+
+
+if __name__ == "__main__":
+    main()
