@@ -1,9 +1,10 @@
 """A ViT checkpoint at a larger input side with the same token grid: the patch embedding resized by FlexiViT's
 pseudo-inverse resize (Beyer et al., 2023), so the model sees finer detail for about the same compute.
 
-``w' = pinv(B^T) w``, where ``B`` bilinearly resizes a patch from the old side to the new: on a bilinearly upsampled
-image the new patch embedding gives the old one's tokens (the position embeddings and the grid are unchanged), and
-fine-tuning from there teaches it the detail the larger input has. The demo model's stage 2 goes on from its base
+``w' = pinv(B^T) w``, where ``B`` bilinearly resizes a patch from the old side to the new: on an image whose patches
+are each so upsampled the new embedding gives the old one's tokens exactly (on a whole upsampled image, nearly; the
+position embeddings and the grid are unchanged), and fine-tuning from there teaches it the detail the larger input
+has. The demo model's stage 2 goes on from its base
 resized from 8 px patches at 64 px to 12 px patches at 96 (``make demo-model``; README, "The demo model").
 
     python -m encoders.patches SRC DST --patch-size 12
