@@ -9,6 +9,7 @@ config's validation on the driver and again here, so a library caller gets the s
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,8 @@ def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[
         return [("tower.levels", f"train.backbone: {spec.train.backbone} trains on the whole frame only: set "
                                  "tower.levels: [1] (tiles and their fusion train with train.backbone: frozen)")]
     if temporal.checkpoint is not None:
+        if not os.path.isdir(temporal.checkpoint):
+            return [("temporal.checkpoint", f"directory not found: {temporal.checkpoint}")]
         if not has_head(temporal.checkpoint):
             return [("temporal.checkpoint", f"no head.safetensors in {temporal.checkpoint}")]
         if temporal.pooling != "attention":
