@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Retrains the committed demo model (README, "The demo model"): its base (models/synthactions/base, 8 px patches at
-# 64 px) resized to 12 px patches at 96 px, stage 2 from there on varied, plain, tiny and empty clips, then its tiled
-# head. Scratch goes to runs/ (a rerun after changing the data: delete runs/synthactions first).
+# 64 px) resized to 12 px patches at 96 px, stage 2 from there on varied, plain, tiny and empty clips (8 x 8 tokens),
+# the result put on a 12 x 12 grid at 144 px (no training), then its tiled head. Scratch goes to runs/ (a rerun after
+# changing the data: delete runs/synthactions first).
 demo-model: $(VENV)/.installed
 	$(BIN)/reeltag synth runs/synthactions/varied --clips 15000 --seed 6 --split varied
 	$(BIN)/reeltag synth runs/synthactions/plain --clips 4000 --seed 4
@@ -36,7 +37,9 @@ demo-model: $(VENV)/.installed
 	rm -rf runs/synthactions/base96
 	$(BIN)/python -m encoders.patches models/synthactions/base runs/synthactions/base96 --patch-size 12
 	$(BIN)/reeltag train configs/train_synthactions.yaml
-	cp runs/synthactions/out/model/* models/synthactions/
+	rm -rf runs/synthactions/model144
+	$(BIN)/python -m encoders.patches runs/synthactions/out/model runs/synthactions/model144 --grid 12
+	cp runs/synthactions/model144/* models/synthactions/
 	$(BIN)/reeltag synth runs/synthactions/small --clips 3000 --seed 5 --split small
 	head -2000 runs/synthactions/varied/labels.jsonl > runs/synthactions/tiles_all.jsonl
 	head -500 runs/synthactions/plain/labels.jsonl >> runs/synthactions/tiles_all.jsonl

@@ -1,4 +1,5 @@
-"""encoders.patches: a checkpoint's patch embedding resized (FlexiViT's pseudo-inverse resize), loaded back through
+"""encoders.patches: a checkpoint's patch embedding resized (FlexiViT's pseudo-inverse resize) or its token grid made
+finer, loaded back through
 the same from_pretrained path as any checkpoint."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from einops import rearrange
 
 from encoders import create_encoder
 from encoders.models import checkpoint_preprocess
-from encoders.patches import PatchResizeError, main, resize_patch_weight, resize_patches
+from encoders.patches import PatchResizeError, main, resize_patch_weight, resize_positions, resize_vit
 
 
 def _load(directory):
@@ -18,7 +19,7 @@ def _load(directory):
 
 
 def test_resized_patches_see_an_upsampled_image_as_the_original_saw_it(tiny_clip_dir, tmp_path):
-    resize_patches(tiny_clip_dir, tmp_path / "big", patch_size=12)  # the tiny CLIP: 8 px patches at 32 px
+    resize_vit(tiny_clip_dir, tmp_path / "big", patch_size=12)  # the tiny CLIP: 8 px patches at 32 px
     small, big = _load(tiny_clip_dir), _load(tmp_path / "big")
     assert big.model.config.vision_config.patch_size == 12 and big.model.config.vision_config.image_size == 48
     assert checkpoint_preprocess(family="clip", pretrained=str(tmp_path / "big")).resolution == 48
@@ -51,8 +52,36 @@ def test_resize_refuses_an_occupied_destination_and_a_non_vit(tiny_clip_dir, tin
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
     with pytest.raises(PatchResizeError, match="not empty"):
-        resize_patches(tiny_clip_dir, occupied, patch_size=12)
+        resize_vit(tiny_clip_dir, occupied, patch_size=12)
     assert [p.name for p in occupied.iterdir()] == ["notes.txt"] and (occupied / "notes.txt").read_text() == "mine"
     with pytest.raises(SystemExit, match="not a ViT checkpoint"):
         main([str(tiny_align_dir), str(tmp_path / "align"), "--patch-size", "12"])
     assert not (tmp_path / "align").exists()
+
+
+def test_a_finer_grid_keeps_the_patches_and_resizes_the_positions(tiny_clip_dir, tmp_path):
+    vision = resize_vit(tiny_clip_dir, tmp_path / "fine", grid=6)  # the tiny CLIP: 4 x 4 patches of 8 px
+    assert (vision["patch_size"], vision["image_size"]) == (8, 48)
+    small, fine = _load(tiny_clip_dir), _load(tmp_path / "fine")
+    assert checkpoint_preprocess(family="clip", pretrained=str(tmp_path / "fine")).resolution == 48
+    old, new = (m.model.vision_model.embeddings for m in (small, fine))
+    assert torch.equal(old.patch_embedding.weight, new.patch_embedding.weight)
+    assert new.position_embedding.weight.shape == (1 + 36, old.position_embedding.weight.shape[1])
+    assert torch.equal(new.position_embedding.weight[0], old.position_embedding.weight[0])  # the class token's
+    assert fine.forward_features(torch.rand(2, 3, 48, 48)).shape == small.forward_features(torch.rand(2, 3, 32, 32)).shape
+
+
+def test_positions_resize_smoothly_with_or_without_a_class_token():
+    same = torch.randn(1 + 16, 5, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(resize_positions(same, 4, 4), same, atol=1e-6)
+    flat = torch.ones(16, 5) * torch.arange(5.0)  # no class token (SigLIP): a constant grid stays constant
+    assert torch.allclose(resize_positions(flat, 4, 7), torch.ones(49, 5) * torch.arange(5.0), atol=1e-5)
+    ramp = torch.arange(8.0).repeat(8, 1).reshape(64, 1)  # a ramp across the grid stays ordered across the finer one
+    fine = resize_positions(ramp, 8, 12).reshape(12, 12)
+    assert (fine[:, 1:] > fine[:, :-1]).all() and torch.allclose(fine[0], fine[5])
+
+
+def test_nothing_to_resize_is_refused(tiny_clip_dir, tmp_path):
+    with pytest.raises(SystemExit, match="a patch size, a grid or both"):
+        main([str(tiny_clip_dir), str(tmp_path / "same")])
+    assert not (tmp_path / "same").exists()
