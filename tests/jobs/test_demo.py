@@ -91,7 +91,7 @@ def test_demo_runs_offline(tmp_path):
     out = result.stdout
     assert "7 ok, 1 failed" in out and "notes.mp4  error (decode, unreadable)" in out
     right = int(out.split("accuracy: ")[1].split("/")[0])
-    # 7 clips, none on plain grey, the smallest a 15% shape (~14 px in the 96 px view); the accuracy floors are
+    # 7 clips, none on plain grey, the smallest a 15% shape (~22 px in the 144 px view); the accuracy floors are
     # held by the tests above, on 60 + 48 clips
     assert right == 7 and "colour 100%" in out and "motion 100%" in out, out
     assert 'search "a red circle moving left"' in out
