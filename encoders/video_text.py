@@ -69,8 +69,8 @@ def model_problems(spec: PipelineSpec, *, training: bool = False) -> list[tuple[
         return [("tower.levels", f"train.backbone: {spec.train.backbone} trains on the whole frame only: set "
                                  "tower.levels: [1] (tiles and their fusion train with train.backbone: frozen)")]
     if temporal.checkpoint is not None:
-        if not os.path.isdir(temporal.checkpoint):
-            return [("temporal.checkpoint", f"directory not found: {temporal.checkpoint}")]
+        if not os.path.exists(temporal.checkpoint):  # a directory, or its head.safetensors
+            return [("temporal.checkpoint", f"not found: {temporal.checkpoint}")]
         if not has_head(temporal.checkpoint):
             return [("temporal.checkpoint", f"no head.safetensors in {temporal.checkpoint}")]
         if temporal.pooling != "attention":

@@ -119,7 +119,7 @@ def test_missing_files_are_named(files):
     text = _yaml(files).replace(str(files["model"]), "./no-such-model")
     assert _checked(text) == ["pipeline.yaml:4 model.pretrained: directory not found: ./no-such-model"]
     text = _yaml(files, "temporal: {pooling: attention, checkpoint: nope/head}\ntrain: {eval_manifest: nope.jsonl}\n")
-    assert _checked(text) == ["pipeline.yaml:9 temporal.checkpoint: directory not found: nope/head",
+    assert _checked(text) == ["pipeline.yaml:9 temporal.checkpoint: not found: nope/head",
                               "pipeline.yaml:10 train.eval_manifest: file not found: nope.jsonl"]
     listing = _yaml(files).replace(f"paths: [{files['videos']}]", "manifest: nope.txt")
     assert _checked(listing) == ["pipeline.yaml:2 input.manifest: file not found: nope.txt"]
