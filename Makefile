@@ -40,10 +40,10 @@ demo-model: $(VENV)/.installed
 	rm -rf runs/synthactions/model144
 	$(BIN)/python -m encoders.patches runs/synthactions/out/model runs/synthactions/model144 --grid 12
 	cp runs/synthactions/model144/* models/synthactions/
-	$(BIN)/reeltag synth runs/synthactions/small --clips 3000 --seed 5 --split small
-	head -2000 runs/synthactions/varied/labels.jsonl > runs/synthactions/tiles_all.jsonl
-	head -500 runs/synthactions/plain/labels.jsonl >> runs/synthactions/tiles_all.jsonl
-	head -500 runs/synthactions/tiny/labels.jsonl >> runs/synthactions/tiles_all.jsonl
+	$(BIN)/reeltag synth runs/synthactions/small --clips 1500 --seed 5 --split small
+	head -1800 runs/synthactions/varied/labels.jsonl > runs/synthactions/tiles_all.jsonl
+	head -450 runs/synthactions/plain/labels.jsonl >> runs/synthactions/tiles_all.jsonl
+	head -250 runs/synthactions/tiny/labels.jsonl >> runs/synthactions/tiles_all.jsonl
 	cat runs/synthactions/small/labels.jsonl >> runs/synthactions/tiles_all.jsonl
 	$(BIN)/reeltag train configs/train_synthactions_tiles.yaml
 	mkdir -p models/synthactions/tiles && cp runs/synthactions/tiles/head/* models/synthactions/tiles/
