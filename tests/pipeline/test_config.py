@@ -291,6 +291,17 @@ def test_an_attention_fusion_needs_a_head_trained_with_it(files, tmp_path):
     assert problem.startswith("pipeline.yaml:10 temporal.checkpoint: cannot read") and "head.json" in problem
 
 
+def test_a_checkpoint_is_named_by_its_directory_or_its_head_file(files, tmp_path):
+    """temporal.checkpoint takes either; validation once refused the file (it checked for a directory)."""
+    head = tmp_path / "head"
+    save_checkpoint(head, HeadShape(dim=16).build(), HeadShape(dim=16), torch.tensor(2.0), epoch=1, settings={})
+    for path in (head, head / "head.safetensors"):
+        assert check_spec(parse_spec(_yaml(files, f"temporal: {{pooling: attention, checkpoint: {path}}}\n")))
+    (head / "head.safetensors").unlink()
+    text = _yaml(files, f"temporal: {{pooling: attention, checkpoint: {head}}}\n")
+    assert _checked(text) == [f"pipeline.yaml:9 temporal.checkpoint: no head.safetensors in {head}"]
+
+
 def test_config_hash_is_made_of_the_fields_that_change_a_row(files):
     """Raising decode.recycle_after or model.batch_size on resume must not redo every video; a longer window
     must."""
